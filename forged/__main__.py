@@ -1,0 +1,3 @@
+from forged.cli import forged_entry
+
+forged_entry()

@@ -1,0 +1,55 @@
+"""OpenAI-style error objects, and the middleware that guarantees every error is one."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from forged.api.requests import BadRequest
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = web.AppKey("max_body_bytes", int)
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 431: "invalid_request_error",
+          503: "service_unavailable"}
+
+
+def error_response(status: int, message: str, code: str | None = None, *, param: str | None = None,
+                   retry_after: int | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param,
+                      "code": code}}
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return web.json_response(body, status=status, headers=headers)
+
+
+def sse_error(message: str, code: str) -> bytes:
+    """The error event of a stream that had already started when things went wrong."""
+    payload = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except BadRequest as exc:
+        return error_response(400, exc.message, "invalid_request", param=exc.param)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
+        message = {404: f"no route {request.method} {request.path}",
+                   405: f"method {request.method} is not allowed on {request.path}"}.get(exc.status, exc.reason)
+        if exc.status == 413:
+            message = f"request body is larger than the limit of {request.app[MAX_BODY]} bytes"
+        return error_response(exc.status, message, code)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal error in forged; see the daemon log", "internal_error")

@@ -1,0 +1,242 @@
+"""OpenAI-compatible generation: /v1/completions, /v1/chat/completions and /v1/models.
+
+A request is parsed, tokenized, checked against the context, admitted (or refused with 503), and
+then streamed as SSE or collected into one JSON answer. Whatever way it ends (finished, client
+gone, engine error) the `finally` block hands its session back, so nothing leaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import replace
+from typing import Any, Literal
+
+from aiohttp import web
+
+from forged.admission import Refused, Ticket
+from forged.api.errors import error_response, sse_error
+from forged.api.requests import BadRequest, ParsedRequest, parse_chat, parse_completion
+from forged.engine.base import GenerationRequest, RequestRejected, TokenEvent
+from forged.state import ServiceState
+from forged.targets import LatencyWindow
+
+Kind = Literal["completion", "chat"]
+STATE = web.AppKey("state", ServiceState)
+WINDOW = web.AppKey("window", LatencyWindow)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "completion")
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "chat")
+
+
+async def models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response({"object": "list", "data": [{
+        "id": state.model_id, "object": "model", "created": int(state.started_wall), "owned_by": "forged",
+        "context_length": state.engine.model.context_length or None,
+    }]})
+
+
+async def _read_json(request: web.Request) -> Any:
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError:
+        raise BadRequest("the request body is not valid UTF-8") from None
+    except ValueError as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+async def _wait_until_ready(state: ServiceState) -> web.Response | None:
+    """Hold a request that arrives while the model loads; refuse one that arrives while draining."""
+    deadline = time.monotonic() + state.config.settings.server.load_wait_s
+    while state.phase == "loading" and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if state.phase == "ready":
+        return None
+    reason = "shutting_down" if state.phase == "draining" else "not_ready"
+    state.metrics.reject(reason)
+    message = {"shutting_down": "forged is shutting down",
+               "not_ready": f"forged is not ready ({state.failure or state.phase})"}[reason]
+    return error_response(503, message, reason, retry_after=5)
+
+
+async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
+    state = request.app[STATE]
+    received = request["received"]
+    parsed = (parse_completion if kind == "completion" else parse_chat)(await _read_json(request))
+    if parsed.model is not None and parsed.model != state.model_id:
+        return error_response(404, f"model {parsed.model!r} does not exist; this daemon serves "
+                                   f"{state.model_id!r}", "model_not_found", param="model")
+    not_ready = await _wait_until_ready(state)
+    if not_ready is not None:
+        return not_ready
+    assert state.admission is not None
+    try:
+        generation = _build_request(state, parsed, kind)
+        state.engine.validate(generation)
+    except RequestRejected as exc:
+        state.metrics.reject("invalid_request")
+        code = "context_length_exceeded" if "context" in str(exc) else "invalid_request"
+        return error_response(400, str(exc), code)
+    try:
+        ticket = await state.admission.admit(generation)
+    except Refused as exc:
+        return error_response(exc.status, exc.message, exc.code, retry_after=exc.retry_after)
+    # Until an answer is complete, the way out is the client leaving (or the write failing).
+    outcome = "cancelled"
+    try:
+        send = _stream if parsed.stream else _collect
+        response, outcome = await send(request, state, ticket, parsed, kind, received)
+        return response
+    finally:
+        state.admission.finish(ticket, outcome)
+
+
+def _build_request(state: ServiceState, parsed: ParsedRequest, kind: Kind) -> GenerationRequest:
+    engine = state.engine
+    if kind == "chat":
+        assert parsed.messages is not None
+        text = engine.render_chat(parsed.messages)
+        tokens = engine.tokenize(text, add_special=False, parse_special=True)
+    elif isinstance(parsed.prompt, str):
+        tokens = engine.tokenize(parsed.prompt, add_special=engine.add_bos, parse_special=True)
+    else:
+        assert parsed.prompt is not None
+        tokens = list(parsed.prompt)
+    assert parsed.sampling is not None
+    max_tokens = parsed.max_tokens
+    if max_tokens is None:
+        room = engine.model.context_length - len(tokens)
+        max_tokens = max(1, min(state.config.settings.server.default_max_tokens, room))
+    return GenerationRequest(request_id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
+                             prompt_tokens=tokens, sampling=replace(parsed.sampling, max_tokens=max_tokens))
+
+
+class _Timing:
+    """Per-request latency bookkeeping, fed into the histograms and the targets window."""
+
+    def __init__(self, state: ServiceState, window: LatencyWindow, received: float) -> None:
+        self.state = state
+        self.window = window
+        self.received = received
+        self.first: float | None = None
+        self.last: float | None = None
+        self.tokens = 0
+
+    def on_event(self, event: TokenEvent) -> None:
+        if not event.token_ids:
+            return
+        now = time.monotonic()
+        metrics = self.state.metrics
+        if self.first is None:
+            self.first = now
+            metrics.ttft.observe(now - self.received)
+            self.window.add_ttft(now - self.received)
+        elif self.last is not None:
+            metrics.inter_token_latency.observe(now - self.last)
+        self.last = now
+        self.tokens += len(event.token_ids)
+        metrics.generation_tokens.inc(len(event.token_ids))
+
+    def finish(self) -> None:
+        if self.first is not None and self.last is not None and self.tokens > 1 and self.last > self.first:
+            tps = (self.tokens - 1) / (self.last - self.first)
+            self.state.metrics.tokens_per_second.observe(tps)
+            self.window.add_tps(tps)
+
+
+def _usage(ticket: Ticket, completion_tokens: int) -> dict[str, int]:
+    prompt = len(ticket.request.prompt_tokens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
+            "total_tokens": prompt + completion_tokens}
+
+
+def _outcome(event: TokenEvent) -> str:
+    return {"stop": "completed", "length": "completed", "error": "failed"}.get(event.finish_reason or "",
+                                                                               "cancelled")
+
+
+async def _collect(request: web.Request, state: ServiceState, ticket: Ticket, parsed: ParsedRequest,
+                   kind: Kind, received: float) -> tuple[web.StreamResponse, str]:
+    timing = _Timing(state, request.app[WINDOW], received)
+    parts: list[str] = []
+    while True:
+        event = await ticket.events.get()
+        timing.on_event(event)
+        parts.append(event.text)
+        if event.finish_reason is not None:
+            break
+    timing.finish()
+    outcome = _outcome(event)
+    if event.finish_reason == "error":
+        return error_response(500, f"generation failed: {event.error}", "engine_error"), outcome
+    if event.finish_reason == "cancelled":
+        return error_response(503, "the request was cancelled because forged is shutting down",
+                              "shutting_down"), outcome
+    text = "".join(parts)
+    base = {"id": ticket.request_id, "created": int(time.time()), "model": state.model_id,
+            "usage": _usage(ticket, timing.tokens)}
+    if kind == "chat":
+        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                                  "logprobs": None, "finish_reason": event.finish_reason}
+        return web.json_response({**base, "object": "chat.completion", "choices": [choice]}), outcome
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": event.finish_reason}
+    return web.json_response({**base, "object": "text_completion", "choices": [choice]}), outcome
+
+
+async def _stream(request: web.Request, state: ServiceState, ticket: Ticket, parsed: ParsedRequest,
+                  kind: Kind, received: float) -> tuple[web.StreamResponse, str]:
+    timing = _Timing(state, request.app[WINDOW], received)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    created = int(time.time())
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+    def chunk(delta: str | None, finish: str | None, *, role: bool = False) -> bytes:
+        if kind == "chat":
+            d: dict[str, Any] = {"role": "assistant", "content": ""} if role else \
+                ({} if delta is None else {"content": delta})
+            choice: dict[str, Any] = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+        body = {"id": ticket.request_id, "object": obj, "created": created, "model": state.model_id,
+                "choices": [choice]}
+        return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+
+    if kind == "chat":
+        await response.write(chunk(None, None, role=True))
+    while True:
+        event = await ticket.events.get()
+        timing.on_event(event)
+        if event.finish_reason in ("error", "cancelled"):
+            message = (f"generation failed: {event.error}" if event.finish_reason == "error"
+                       else "the request was cancelled because forged is shutting down")
+            await response.write(sse_error(message, "engine_error" if event.finish_reason == "error"
+                                           else "shutting_down"))
+            break
+        if event.text or event.finish_reason:
+            if kind == "chat" and event.finish_reason and event.text:
+                await response.write(chunk(event.text, None))
+                await response.write(chunk(None, event.finish_reason))
+            else:
+                await response.write(chunk(event.text if event.text or kind != "chat" else None,
+                                           event.finish_reason))
+        if event.finish_reason is not None:
+            break
+    timing.finish()
+    if parsed.include_usage:
+        usage = {"id": ticket.request_id, "object": obj, "created": created, "model": state.model_id,
+                 "choices": [], "usage": _usage(ticket, timing.tokens)}
+        await response.write(b"data: " + json.dumps(usage).encode() + b"\n\n")
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response, _outcome(event)

@@ -1,0 +1,116 @@
+"""Command lines: `forged` (run, check-config, show-profile) and `forgectl` (status)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from forged import config as config_mod
+from forged import hardware, paths, profiles
+from forged.schema import ConfigError, to_plain
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    # Under systemd the journal stamps time itself; a terminal gets timestamps.
+    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+
+
+def forged_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="forged", description="Local LLM appliance daemon.")
+    parser.add_argument("--config-dir", help="directory with forged.yaml and sku_profiles.yaml "
+                        "(default: $FORGED_CONFIG_DIR, else /etc/forged)")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", help="run the daemon in the foreground (the default)")
+    sub.add_parser("check-config", help="validate the configuration and exit")
+    sub.add_parser("show-profile", help="print the profile this machine would use, as JSON")
+    args = parser.parse_args(argv)
+    config_dir = config_mod.resolve_config_dir(args.config_dir)
+    _setup_logging()
+    if args.command in (None, "run"):
+        from forged.daemon import main  # imports libllama; keep it off the other commands' path
+        return main(config_dir)
+    try:
+        loaded = config_mod.load(config_dir)
+        selection = profiles.select(loaded, hardware.probe())
+    except ConfigError as exc:
+        print(f"forged: config error: {exc}", file=sys.stderr)
+        return 78
+    if args.command == "check-config":
+        print(f"{config_dir}: OK ({len(loaded.profiles)} profiles; this machine uses {selection.name})")
+        return 0
+    print(json.dumps({"profile": selection.name, "reason": selection.reason, **to_plain(selection.profile)},
+                     indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------- forgectl
+
+def _get(url: str | None, socket_path: str, route: str) -> Any:
+    import http.client
+    import socket as socket_mod
+
+    if url:
+        from urllib.parse import urlsplit
+        parts = urlsplit(url)
+        conn: http.client.HTTPConnection = http.client.HTTPConnection(parts.hostname or "127.0.0.1",
+                                                                      parts.port or 80, timeout=10)
+    else:
+        conn = http.client.HTTPConnection("localhost", timeout=10)
+        sock = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(socket_path)
+        conn.sock = sock
+    conn.request("GET", route)
+    response = conn.getresponse()
+    return json.loads(response.read())
+
+
+def forgectl_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="forgectl", description="Talk to a running forged.")
+    parser.add_argument("--socket", default=None, help="UNIX socket (default: the daemon's run dir)")
+    parser.add_argument("--url", default=None, help="use TCP instead, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("status", help="profile, model, sessions, queue, KV and targets at a glance")
+    args = parser.parse_args(argv)
+    socket_path = args.socket or str(paths.run_dir() / "forged.sock")
+    try:
+        status = _get(args.url, socket_path, "/v1/status")
+        targets = _get(args.url, socket_path, "/v1/performance/targets")
+    except OSError as exc:
+        where = args.url or socket_path
+        print(f"forgectl: cannot reach forged at {where}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"status": status, "targets": targets}, indent=2))
+        return 0
+    kv = status["kv_cache"]
+    print(f"forged {status['phase']}  profile {status['profile']['name']}  up {status['uptime_s']:.0f} s")
+    print(f"hardware  {status['hardware']['kind']}: {status['hardware']['name']}")
+    print(f"model     {status['model']['id']} (context {status['model']['context_length']})")
+    print(f"sessions  {status['sessions']['active']}/{status['sessions']['max']}   "
+          f"queue {status['queue']['depth']}/{status['queue']['max']}   "
+          f"KV blocks {kv['blocks_used']}/{kv['blocks_total']} used")
+    for name, check in targets["targets"].items():
+        mark = {True: "met", False: "UNMET", None: "no data"}[check["met"]]
+        live = "-" if check["live"] is None else f"{check['live']:.1f}"
+        print(f"  {name:<12} live {live:>8} {check['comparison']} target {check['target']:<8g} {mark}")
+    return 0
+
+
+def _entry(fn: Any) -> None:
+    sys.exit(fn())
+
+
+def forged_entry() -> None:
+    _entry(forged_main)
+
+
+def forgectl_entry() -> None:
+    _entry(forgectl_main)

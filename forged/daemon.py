@@ -1,0 +1,224 @@
+"""The boot sequence, signals and shutdown of `forged run`.
+
+Boot: config -> hardware -> profile -> model file check -> listeners open (requests are held) ->
+model load (EXTEND_TIMEOUT_USEC while it lasts) -> engine steps -> READY=1.
+SIGTERM/SIGINT: STOPPING=1, refuse new requests, let admitted ones finish up to the drain timeout,
+cancel the rest, exit 0. SIGHUP: reload guards and targets live (RELOADING=1 ... READY=1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from forged import config as config_mod
+from forged import hardware as hardware_mod
+from forged import paths, profiles
+from forged.admission import Admission, Limits
+from forged.api.app import build_app, make_runner, open_listeners
+from forged.engine.base import EngineError, EngineHooks
+from forged.engine.llama_cpp.model import check_gguf
+from forged.engine.llama_cpp.runner import LlamaCppEngine
+from forged.metrics import Metrics
+from forged.models import resolve_model
+from forged.schema import ConfigError
+from forged.state import ServiceState
+from forged.systemd import Notifier, inherited_sockets, run_watchdog, watchdog_interval
+
+log = logging.getLogger("forged")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 78  # EX_CONFIG; the unit's RestartPreventExitStatus= stops a restart loop on it
+LOAD_EXTEND_S = 30.0
+STATUS_INTERVAL_S = 2.0
+
+
+class Daemon:
+    def __init__(self, config_dir: Path) -> None:
+        self.config_dir = config_dir
+        self.notifier = Notifier()
+        self.state: ServiceState | None = None
+        self._stop = asyncio.Event()
+        self._exit_code = EXIT_OK
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def run(self) -> int:
+        loaded = config_mod.load(self.config_dir)
+        logging.getLogger().setLevel(loaded.settings.logging.level.upper())
+        hardware = hardware_mod.probe()
+        selection = profiles.select(loaded, hardware)
+        log.info("hardware: %s %s, %d cores, %.1f GiB; profile %s (%s)", hardware.kind, hardware.name,
+                 hardware.cores, hardware.memory_total_bytes / 2**30, selection.name, selection.reason)
+        model_path, model_name = resolve_model(loaded.settings.model, paths.state_dir())
+        check_gguf(model_path)  # fail before opening listeners: one line naming the file
+        engine = LlamaCppEngine(selection.profile, model_path, model_name)
+        # The metrics read live state at scrape time; `state` exists before any scrape can happen.
+        metrics = Metrics(lambda: state.live())
+        state = ServiceState(config=loaded, profile_name=selection.name, profile=selection.profile,
+                             hardware=hardware, engine=engine, metrics=metrics,
+                             test_hooks=os.environ.get("FORGED_TEST_HOOKS") == "1")
+        state.metrics.set_info(sku=selection.name, engine=selection.profile.engine, model=model_name,
+                               profile=selection.name)
+        self.state = state
+        if state.test_hooks:
+            log.warning("FORGED_TEST_HOOKS=1: fault-injection routes are enabled; never use this in production")
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+
+        runner = make_runner(build_app(state))
+        await runner.setup()
+        try:
+            socket_path = Path(loaded.settings.listen.unix.path or paths.run_dir() / "forged.sock")
+            opened = await open_listeners(runner, loaded.settings, socket_path, inherited_sockets())
+            log.info("listening on %s", ", ".join(opened))
+            await self._load(engine)
+            state.admission = Admission(engine, _limits(selection.profile), state.metrics)
+            engine.start(loop, EngineHooks(on_preempted=state.admission.on_preempted,
+                                           on_capacity_freed=state.admission.on_capacity_freed,
+                                           on_fatal=self._on_fatal))
+            state.phase = "ready"
+            self.notifier.ready(self._status_line())
+            log.info("ready: model %s, profile %s", model_name, selection.name)
+            self._tasks.append(asyncio.create_task(self._status_loop()))
+            interval = watchdog_interval()
+            if interval:
+                self._tasks.append(asyncio.create_task(run_watchdog(self.notifier, interval, engine.progress)))
+            await self._stop.wait()
+            await self._drain()
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await runner.cleanup()
+            await engine.stop()
+            if not loaded.settings.listen.unix.path or socket_path.parent == paths.run_dir():
+                socket_path.unlink(missing_ok=True)
+        return self._exit_code
+
+    async def _load(self, engine: LlamaCppEngine) -> None:
+        started = time.monotonic()
+        self.notifier.send(f"STATUS=loading model {engine.model_path.name}")
+        load = asyncio.get_running_loop().run_in_executor(None, self._load_blocking, engine)
+        while True:
+            self.notifier.extend_timeout(LOAD_EXTEND_S)
+            done, _ = await asyncio.wait({load}, timeout=LOAD_EXTEND_S / 3)
+            if done:
+                load.result()
+                break
+            if self._stop.is_set():
+                log.info("stop requested while the model loads; finishing the load first")
+        log.info("model loaded in %.2f s", time.monotonic() - started)
+
+    def _load_blocking(self, engine: LlamaCppEngine) -> None:
+        assert self.state is not None
+        delay = float(os.environ.get("FORGED_TEST_LOAD_DELAY_S", "0")) if self.state.test_hooks else 0.0
+        if delay:  # test hook: a slow model load, to observe the loading phase
+            time.sleep(delay)
+        engine.load()
+
+    async def _drain(self) -> None:
+        state = self.state
+        assert state is not None and state.admission is not None
+        timeout = state.config.settings.server.drain_timeout_s
+        state.phase = "draining"
+        state.admission.start_draining()
+        busy = len(state.admission.sessions) + len(state.admission.queue)
+        self.notifier.stopping(f"draining {busy} requests (up to {timeout:.0f} s)")
+        log.info("stopping: draining %d requests for up to %.0f s", busy, timeout)
+        if not await state.admission.wait_idle(timeout):
+            left = len(state.admission.sessions) + len(state.admission.queue)
+            log.warning("drain timeout: cancelling %d requests still running", left)
+            state.admission.cancel_all()
+            await state.admission.wait_idle(5.0)
+        # Give handlers a moment to write their final events before the listeners close.
+        await asyncio.sleep(0.1)
+
+    async def reload(self) -> None:
+        """Re-read the config; apply guard and target changes live, report the rest as pending."""
+        state = self.state
+        if state is None or state.admission is None or state.phase != "ready":
+            log.warning("SIGHUP ignored: not ready")
+            return
+        self.notifier.reloading()
+        try:
+            loaded = config_mod.load(self.config_dir)
+            selection = profiles.select(loaded, state.hardware)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+            self.notifier.ready(self._status_line())
+            return
+        new = selection.profile
+        pending = [key for key, old_v, new_v in (
+            ("tensorrt_llm", state.profile.tensorrt_llm, new.tensorrt_llm),
+            ("inference.max_seq_len", state.profile.inference.max_seq_len, new.inference.max_seq_len),
+            ("llama_cpp", state.profile.llama_cpp, new.llama_cpp),
+            ("engine", state.profile.engine, new.engine),
+            ("model", state.config.settings.model, loaded.settings.model),
+        ) if old_v != new_v]
+        # Sessions above n_seq_max cannot exist in this context; that part waits for a restart.
+        sessions = min(new.inference.max_concurrent_sessions, state.profile.inference.max_concurrent_sessions)
+        if new.inference.max_concurrent_sessions > sessions:
+            pending.append("inference.max_concurrent_sessions above the engine's n_seq_max")
+        state.profile = _live_profile(state.profile, new, sessions)
+        state.admission.set_limits(Limits(sessions, new.thresholds.max_queue_depth))
+        if pending:
+            log.warning("reload: changes that need a restart are pending: %s", ", ".join(pending))
+        log.info("reloaded: sessions %d, queue %d, targets %s", sessions, new.thresholds.max_queue_depth,
+                 new.targets)
+        self.notifier.ready(self._status_line())
+
+    def _on_fatal(self, reason: str) -> None:
+        log.critical("%s; exiting so that the service manager restarts forged", reason)
+        if self.state is not None:
+            self.state.phase = "failed"
+            self.state.failure = reason
+        self._exit_code = EXIT_FAILURE
+        self._stop.set()
+
+    def _status_line(self) -> str:
+        state = self.state
+        assert state is not None
+        if state.admission is None:
+            return f"profile {state.profile_name}: {state.phase}"
+        a = state.admission
+        stats = state.engine.stats()
+        return (f"profile {state.profile_name}, {state.phase}: sessions {len(a.sessions)}/{a.limits.max_sessions}, "
+                f"queue {len(a.queue)}/{a.limits.max_queue_depth}, "
+                f"KV blocks {stats.kv_blocks_used}/{stats.kv_blocks_total}")
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL_S)
+            self.notifier.status(self._status_line())
+
+
+def _limits(profile: config_mod.Profile) -> Limits:
+    return Limits(profile.inference.max_concurrent_sessions, profile.thresholds.max_queue_depth)
+
+
+def _live_profile(old: config_mod.Profile, new: config_mod.Profile, sessions: int) -> config_mod.Profile:
+    """The profile as it now runs: new guards and targets, the old engine levers until a restart."""
+    from dataclasses import replace
+    return replace(old, thresholds=new.thresholds, targets=new.targets,
+                   inference=replace(old.inference, max_concurrent_sessions=sessions),
+                   description=new.description)
+
+
+def main(config_dir: Path) -> int:
+    """Run the daemon. Startup failures are one line on stderr (the journal under systemd)."""
+    try:
+        return asyncio.run(Daemon(config_dir).run())
+    except ConfigError as exc:
+        print(f"forged: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (EngineError, OSError) as exc:
+        print(f"forged: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAILURE

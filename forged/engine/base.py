@@ -1,0 +1,151 @@
+"""The engine contract: what the API and admission layers may ask of any inference engine.
+
+An engine takes a `GenerationRequest` (prompt tokens, sampling parameters) and streams
+`TokenEvent`s back into asyncio. It can cancel a request, report stats, and say exactly which
+configuration it runs with. Admission decides *when* a request may start; the engine decides how
+each step is spent.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+class EngineError(Exception):
+    """A failure of the engine itself (not of one request)."""
+
+
+class RequestRejected(Exception):
+    """A request the engine can never run as asked (too long, bad parameters). Maps to HTTP 400."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_tokens: list[int]
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step's output for one request: new text (possibly empty while UTF-8 or a stop string is
+    incomplete), the token ids it came from, and a finish reason on the last event."""
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    tokens_per_block: int = 0
+    running: int = 0
+    open_sequences: int = 0
+    preemptions: int = 0
+    steps: int = 0
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+
+    @property
+    def kv_blocks_free(self) -> int:
+        return self.kv_blocks_total - self.kv_blocks_used
+
+
+@dataclass
+class Progress:
+    """What the watchdog needs: has the step loop moved since work became pending?"""
+
+    steps: int
+    pending_work: bool
+    last_step_monotonic: float
+
+
+# Callbacks the engine uses to talk back to admission (called on the event loop thread).
+@dataclass
+class EngineHooks:
+    on_preempted: Callable[[str], None] = lambda request_id: None
+    on_capacity_freed: Callable[[], None] = lambda: None
+    on_fatal: Callable[[str], None] = lambda reason: None
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    path: str
+    context_length: int
+    n_params: int = 0
+    size_bytes: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(abc.ABC):
+    """Base of every engine. Methods not marked async are safe to call from the event loop and
+    must not block it."""
+
+    model: ModelInfo
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Load the model and allocate the KV cache. Blocking; run it in a thread."""
+
+    @abc.abstractmethod
+    def start(self, loop: asyncio.AbstractEventLoop, hooks: EngineHooks) -> None:
+        """Start stepping. Events are delivered on `loop`."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Cancel what is left, stop the step loop, free the model."""
+
+    @abc.abstractmethod
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]: ...
+
+    @abc.abstractmethod
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """Apply the model's own chat template. Raises RequestRejected for messages it refuses."""
+
+    @abc.abstractmethod
+    def blocks_needed(self, request: GenerationRequest, *, resume_tokens: int = 0) -> int:
+        """KV blocks to reserve before `request` may start under the configured policy."""
+
+    @abc.abstractmethod
+    def try_reserve(self, request_id: str, blocks: int) -> bool:
+        """Reserve KV blocks for a request about to become a session. Thread-safe."""
+
+    @abc.abstractmethod
+    def submit(self, request: GenerationRequest, events: asyncio.Queue[TokenEvent]) -> None:
+        """Start a request whose blocks are reserved. Events go to `events`, ending with a
+        finish_reason. Never blocks."""
+
+    @abc.abstractmethod
+    def cancel(self, request_id: str) -> None:
+        """Stop a request and free its KV at once. Unknown ids are ignored."""
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    @abc.abstractmethod
+    def progress(self) -> Progress: ...
+
+    @abc.abstractmethod
+    def effective_config(self) -> dict[str, Any]:
+        """The configuration exactly as handed to the engine, with the profile section it came from."""

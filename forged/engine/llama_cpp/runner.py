@@ -1,0 +1,539 @@
+"""The embedded engine: continuous batching over libllama, one step loop in its own thread.
+
+Many sequences share one `llama_context` with a unified KV cache. Each step is one `llama_batch`
+that holds one decode token for every sequence past its prefill, then prefill chunks (see
+`scheduler.plan_step`). The asyncio side never touches libllama: it posts commands (submit,
+cancel) to this thread and receives `TokenEvent`s through `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import llama_cpp as ll
+
+from forged.config import Profile
+from forged.engine.base import (
+    Engine,
+    EngineError,
+    EngineHooks,
+    EngineStats,
+    GenerationRequest,
+    ModelInfo,
+    Progress,
+    RequestRejected,
+    TokenEvent,
+)
+from forged.engine.llama_cpp.blocks import BlockAllocator, blocks_for
+from forged.engine.llama_cpp.model import LlamaModel
+from forged.engine.llama_cpp.scheduler import Slice, plan_step
+from forged.engine.llama_cpp.text import StopMatcher, StreamDecoder
+
+log = logging.getLogger(__name__)
+
+# The profile names KV dtypes as TensorRT-LLM does; libllama has no fp8, q8_0 is its 1-byte type.
+KV_DTYPE_TO_GGML: dict[str, tuple[str, int]] = {
+    "fp32": ("f32", ll.GGML_TYPE_F32),
+    "fp16": ("f16", ll.GGML_TYPE_F16),
+    "bf16": ("bf16", getattr(ll, "GGML_TYPE_BF16", 30)),
+    "fp8": ("q8_0", ll.GGML_TYPE_Q8_0),
+}
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: GenerationRequest
+    events: asyncio.Queue[TokenEvent]
+    arrival: int
+    sampler: Any
+    to_prefill: list[int]
+    seq_id: int = -1
+    prefilled: int = 0
+    n_past: int = 0
+    pending_token: int | None = None
+    generated: list[int] = field(default_factory=list)
+    decoder: StreamDecoder = field(default_factory=StreamDecoder)
+    stop: StopMatcher | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prefill_remaining(self) -> int:
+        return len(self.to_prefill) - self.prefilled
+
+
+class _Rate:
+    """Exponentially weighted tokens/s, for stats and Retry-After estimates."""
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        self.alpha = alpha
+        self.value = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        if tokens <= 0 or seconds <= 0:
+            return
+        sample = tokens / seconds
+        self.value = sample if self.value == 0 else self.alpha * sample + (1 - self.alpha) * self.value
+
+
+class LlamaCppEngine(Engine):
+    def __init__(self, profile: Profile, model_path: Path, model_name: str) -> None:
+        self.profile = profile
+        self.levers = profile.tensorrt_llm
+        self.model_path = model_path
+        self.model_name = model_name
+        self.model = ModelInfo(name=model_name, path=str(model_path), context_length=0)
+        self._llama: LlamaModel | None = None
+        self._ctx: Any = None
+        self._mem: Any = None
+        self._batch: Any = None
+        self.allocator: BlockAllocator | None = None
+        self._context_params: dict[str, Any] = {}
+        self._commands: deque[tuple[str, Any]] = deque()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._hooks = EngineHooks()
+        self._running: list[Sequence] = []
+        self._parked: dict[str, Sequence] = {}  # preempted, waiting to be re-admitted
+        self._free_seq_ids: list[int] = []
+        self._arrivals = 0
+        self._stopping = False
+        self._steps = 0
+        self._last_step = time.monotonic()
+        self._preemptions = 0
+        self._prefill_rate = _Rate()
+        self._decode_rate = _Rate()
+        self._hang_until = 0.0  # test hook only: see inject_hang
+
+    # ------------------------------------------------------------ lifecycle
+
+    def load(self) -> None:
+        opts = self.profile.llama_cpp
+        self._llama = model = LlamaModel(self.model_path, opts.n_gpu_layers)
+        context = min(self.profile.inference.max_seq_len, model.n_ctx_train)
+        sessions = self.profile.inference.max_concurrent_sessions
+        tpb = self.levers.tokens_per_block
+        num_blocks = sessions * blocks_for(context, tpb)
+        n_ctx = num_blocks * tpb
+        kv_name, kv_type = KV_DTYPE_TO_GGML[self.levers.kv_cache_dtype]
+        threads = opts.n_threads or len(os.sched_getaffinity(0))
+        params = ll.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = self.levers.max_num_tokens
+        params.n_ubatch = min(opts.n_ubatch, self.levers.max_num_tokens)
+        params.n_seq_max = sessions
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.type_k = kv_type
+        params.type_v = kv_type
+        params.kv_unified = True
+        params.swa_full = False
+        params.no_perf = True
+        # A quantized V cache needs flash attention in libllama.
+        params.flash_attn_type = (ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if kv_name == "q8_0"
+                                  else ll.LLAMA_FLASH_ATTN_TYPE_AUTO)
+        ctx = ll.llama_init_from_model(model.ptr, params)
+        if not ctx:
+            model.free()
+            raise EngineError(f"libllama could not create a context of {n_ctx} KV cells "
+                              f"({kv_name} KV) for {self.model_path}")
+        self._ctx = ctx
+        self._mem = ll.llama_get_memory(ctx)
+        self._batch = ll.llama_batch_init(self.levers.max_num_tokens, 0, 1)
+        self.allocator = BlockAllocator(num_blocks, tpb)
+        self._free_seq_ids = list(range(sessions - 1, -1, -1))
+        self.model = ModelInfo(name=self.model_name, path=str(self.model_path), context_length=context,
+                               n_params=model.n_params, size_bytes=model.size_bytes,
+                               metadata={k: v for k, v in model.metadata.items()
+                                         if k.startswith("general.") or k.endswith("context_length")})
+        self._context_params = {
+            "n_ctx": n_ctx, "n_batch": params.n_batch, "n_ubatch": params.n_ubatch,
+            "n_seq_max": sessions, "n_threads": threads, "type_k": kv_name, "type_v": kv_name,
+            "kv_unified": True, "swa_full": False, "flash_attn_type": int(params.flash_attn_type),
+            "n_gpu_layers": opts.n_gpu_layers,
+        }
+        log.info("model %s loaded: %d params, trained context %d, serving context %d; KV %d blocks x %d "
+                 "tokens (%s), %d threads", self.model_path.name, model.n_params, model.n_ctx_train,
+                 context, num_blocks, tpb, kv_name, threads)
+
+    def start(self, loop: asyncio.AbstractEventLoop, hooks: EngineHooks) -> None:
+        self._loop = loop
+        self._hooks = hooks
+        self._last_step = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="forged-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._post("stop", None)
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        if self._batch is not None:
+            ll.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            ll.llama_free(self._ctx)
+            self._ctx = None
+        if self._llama is not None:
+            self._llama.free()
+
+    # ------------------------------------------------------------ event-loop side API
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        assert self._llama is not None
+        return self._llama.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        assert self._llama is not None
+        return self._llama.render_chat(messages)
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(self._llama and self._llama.add_bos)
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Refuse what this engine can never run, with both numbers named."""
+        prompt = len(request.prompt_tokens)
+        context = self.model.context_length
+        if prompt == 0:
+            raise RequestRejected("the prompt is empty")
+        if prompt >= context:
+            raise RequestRejected(f"the prompt has {prompt} tokens, but this model's context is {context} "
+                                  f"tokens")
+        if prompt + request.sampling.max_tokens > context:
+            raise RequestRejected(f"the prompt has {prompt} tokens and max_tokens is "
+                                  f"{request.sampling.max_tokens}, {prompt + request.sampling.max_tokens} in "
+                                  f"all, but this model's context is {context} tokens")
+        if not self.levers.enable_chunked_context and prompt > self.levers.max_num_tokens:
+            raise RequestRejected(f"the prompt has {prompt} tokens, more than max_num_tokens "
+                                  f"({self.levers.max_num_tokens}), and this profile has chunked context off")
+
+    def blocks_needed(self, request: GenerationRequest, *, resume_tokens: int = 0) -> int:
+        parked = self._parked.get(request.request_id)
+        prompt = len(request.prompt_tokens) + (len(parked.generated) if parked else 0)
+        tpb = self.levers.tokens_per_block
+        if not self.levers.use_paged_kv_cache:
+            # Unpaged: every session holds a whole max-length context, as a contiguous cache would.
+            return blocks_for(self.model.context_length, tpb)
+        if self.levers.scheduler_policy == "guaranteed_no_evict":
+            return blocks_for(len(request.prompt_tokens) + request.sampling.max_tokens, tpb)
+        return blocks_for(prompt + 1, tpb)
+
+    def try_reserve(self, request_id: str, blocks: int) -> bool:
+        assert self.allocator is not None
+        return self.allocator.try_reserve(request_id, blocks)
+
+    def submit(self, request: GenerationRequest, events: asyncio.Queue[TokenEvent]) -> None:
+        self._post("submit", (request, events))
+
+    def cancel(self, request_id: str) -> None:
+        self._post("cancel", request_id)
+
+    def stats(self) -> EngineStats:
+        alloc = self.allocator
+        return EngineStats(
+            kv_blocks_total=alloc.num_blocks if alloc else 0,
+            kv_blocks_used=alloc.used if alloc else 0,
+            tokens_per_block=self.levers.tokens_per_block,
+            running=len(self._running),
+            open_sequences=len(self._running) + len(self._parked),
+            preemptions=self._preemptions,
+            steps=self._steps,
+            prefill_tokens_per_s=self._prefill_rate.value,
+            decode_tokens_per_s=self._decode_rate.value,
+        )
+
+    def progress(self) -> Progress:
+        pending = bool(self._running) or bool(self._commands)
+        return Progress(steps=self._steps, pending_work=pending, last_step_monotonic=self._last_step)
+
+    def effective_config(self) -> dict[str, Any]:
+        return {
+            "engine": "llama_cpp",
+            "model": str(self.model_path),
+            "llama_context_params": dict(self._context_params),
+            "kv_cache_dtype_mapping": {k: v[0] for k, v in KV_DTYPE_TO_GGML.items()},
+            "mapping": {
+                "kv_cache_dtype": f"{self.levers.kv_cache_dtype} -> type_k/type_v "
+                                  f"{KV_DTYPE_TO_GGML[self.levers.kv_cache_dtype][0]}",
+                "tokens_per_block": "block size of forged's KV allocator over the unified cache",
+                "use_paged_kv_cache": "true: blocks on demand; false: each session reserves a full context",
+                "enable_chunked_context": "prefill split across steps, decodes first",
+                "max_num_tokens": "tokens per llama_decode step (n_batch)",
+                "scheduler_policy": "admission reservation and preemption in forged's scheduler",
+                "max_concurrent_sessions": "n_seq_max and the session guard",
+            },
+            "profile_section": {
+                "tensorrt_llm": _asdict(self.levers),
+                "inference": _asdict(self.profile.inference),
+                "llama_cpp": _asdict(self.profile.llama_cpp),
+            },
+        }
+
+    def inject_hang(self, seconds: float) -> None:
+        """Test hook (FORGED_TEST_HOOKS=1 only): make the step loop stall, as a wedged GPU would."""
+        self._hang_until = time.monotonic() + seconds
+        self._wake.set()
+
+    # ------------------------------------------------------------ step thread
+
+    def _post(self, kind: str, payload: Any) -> None:
+        self._commands.append((kind, payload))
+        self._wake.set()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_commands(block=not self._running)
+                while time.monotonic() < self._hang_until:
+                    time.sleep(0.05)
+                if self._running:
+                    self._step()
+        except Exception as exc:  # a bug in the loop itself: fail loudly, let systemd restart us
+            log.exception("engine step loop died")
+            self._fail_all(f"engine failure: {exc}")
+            self._call_loop(self._hooks.on_fatal, f"engine step loop died: {exc}")
+        finally:
+            self._fail_all("the daemon is shutting down", reason="cancelled")
+
+    def _drain_commands(self, block: bool) -> None:
+        if block and not self._commands:
+            self._wake.wait(timeout=0.5)
+        self._wake.clear()
+        while self._commands:
+            kind, payload = self._commands.popleft()
+            if kind == "submit":
+                self._start_sequence(*payload)
+            elif kind == "cancel":
+                self._cancel(payload)
+            elif kind == "stop":
+                self._stopping = True
+
+    def _start_sequence(self, request: GenerationRequest, events: asyncio.Queue[TokenEvent]) -> None:
+        seq = self._parked.pop(request.request_id, None)
+        if seq is None:
+            self._arrivals += 1
+            seq = Sequence(request=request, events=events, arrival=self._arrivals,
+                           sampler=_make_sampler(request), to_prefill=list(request.prompt_tokens),
+                           stop=StopMatcher(request.sampling.stop))
+        else:
+            # Resume after preemption: recompute prompt + everything already streamed.
+            seq.events = events
+            seq.to_prefill = list(request.prompt_tokens) + seq.generated
+            seq.prefilled = seq.n_past = 0
+            seq.pending_token = None
+        seq.seq_id = self._free_seq_ids.pop()
+        self._running.append(seq)
+
+    def _cancel(self, request_id: str) -> None:
+        seq = self._parked.pop(request_id, None)
+        if seq is not None:
+            self._finish(seq, TokenEvent("", finish_reason="cancelled"))
+            return
+        for seq in self._running:
+            if seq.request_id == request_id:
+                self._finish(seq, TokenEvent("", finish_reason="cancelled"))
+                return
+        # Already finished, or never started: drop any reservation left behind.
+        assert self.allocator is not None
+        if self.allocator.release(request_id):
+            self._call_loop(self._hooks.on_capacity_freed)
+
+    def _step(self) -> None:
+        decoding = [s for s in self._running if s.pending_token is not None]
+        prefilling = [s for s in self._running if s.pending_token is None and s.prefill_remaining > 0]
+        plan = plan_step(decoding, prefilling, self.levers.max_num_tokens, self.levers.enable_chunked_context)
+        plan = self._secure_blocks(plan)
+        if not plan:
+            return
+        batch = self._batch
+        n = 0
+        sample_at: list[tuple[Sequence, int]] = []
+        n_prefill = n_decode = 0
+        for sl in plan:
+            seq: Sequence = sl.seq  # type: ignore[assignment]
+            if sl.is_decode:
+                tokens = [seq.pending_token]
+                n_decode += 1
+            else:
+                tokens = seq.to_prefill[seq.prefilled: seq.prefilled + sl.n_tokens]
+                n_prefill += len(tokens)
+            last_needs_logits = sl.is_decode or seq.prefilled + sl.n_tokens == len(seq.to_prefill)
+            for j, tok in enumerate(tokens):
+                batch.token[n] = tok
+                batch.pos[n] = seq.n_past + j
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq.seq_id
+                batch.logits[n] = 0
+                n += 1
+            if last_needs_logits:
+                batch.logits[n - 1] = 1
+                sample_at.append((seq, n - 1))
+        batch.n_tokens = n
+        started = time.monotonic()
+        rc = ll.llama_decode(self._ctx, batch)
+        elapsed = time.monotonic() - started
+        if rc != 0:
+            # Only the sequences in this batch are affected; libllama rolled their cells back.
+            reason = f"llama_decode failed with status {rc}"
+            log.error("%s for %d sequences", reason, len(plan))
+            for sl in plan:
+                self._finish(sl.seq, TokenEvent("", finish_reason="error", error=reason))  # type: ignore[arg-type]
+            return
+        for sl in plan:
+            seq = sl.seq  # type: ignore[assignment]
+            if sl.is_decode:
+                seq.n_past += 1
+                seq.pending_token = None
+            else:
+                seq.prefilled += sl.n_tokens
+                seq.n_past += sl.n_tokens
+        self._steps += 1
+        self._last_step = time.monotonic()
+        if n_prefill and not n_decode:
+            self._prefill_rate.add(n_prefill, elapsed)
+        elif n_decode and not n_prefill:
+            self._decode_rate.add(n_decode, elapsed)
+        elif n_prefill >= 8 * n_decode:
+            self._prefill_rate.add(n_prefill, elapsed)
+        deliveries: list[tuple[asyncio.Queue[TokenEvent], TokenEvent]] = []
+        for seq, idx in sample_at:
+            event = self._sample(seq, idx)
+            deliveries.append((seq.events, event))
+            if event.finish_reason is not None:
+                self._release(seq)
+        self._deliver(deliveries)
+
+    def _secure_blocks(self, plan: list[Slice]) -> list[Slice]:
+        """Make sure every sequence in the plan owns cells for what it is about to write.
+
+        Under guaranteed_no_evict (or unpaged KV) the reservation made at admission always covers
+        it. Under max_utilization blocks are taken on demand, and when none are free the youngest
+        running sequence is preempted until the rest fit; then the step is planned again.
+        """
+        assert self.allocator is not None
+        while True:
+            short = None
+            for sl in plan:
+                seq: Sequence = sl.seq  # type: ignore[assignment]
+                if not self.allocator.ensure_tokens(seq.request_id, seq.n_past + sl.n_tokens):
+                    short = seq
+                    break
+            if short is None:
+                return plan
+            if len(self._running) == 1:
+                # Alone and still short: the cache is smaller than one context. Never loop on it.
+                self._finish(short, TokenEvent("", finish_reason="error",
+                                               error="the KV cache cannot hold this request"))
+                return []
+            victim = max(self._running, key=lambda s: s.arrival)
+            self._preempt(victim)
+            decoding = [s for s in self._running if s.pending_token is not None]
+            prefilling = [s for s in self._running if s.pending_token is None and s.prefill_remaining > 0]
+            plan = plan_step(decoding, prefilling, self.levers.max_num_tokens,
+                             self.levers.enable_chunked_context)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._preemptions += 1
+        log.info("preempting request %s (%d tokens generated) to free KV blocks",
+                 seq.request_id, len(seq.generated))
+        self._release(seq, keep_sampler=True, notify=False)
+        self._parked[seq.request_id] = seq
+        self._call_loop(self._hooks.on_preempted, seq.request_id)
+
+    def _sample(self, seq: Sequence, idx: int) -> TokenEvent:
+        assert self._llama is not None
+        token = ll.llama_sampler_sample(seq.sampler, self._ctx, idx)
+        sp = seq.request.sampling
+        seq.generated.append(token)
+        if not sp.ignore_eos and self._llama.is_eog(token):
+            return TokenEvent(self._flush(seq), (token,), finish_reason="stop")
+        text = seq.decoder.feed(self._llama.piece(token))
+        assert seq.stop is not None
+        text, stopped = seq.stop.feed(text)
+        if stopped:
+            return TokenEvent(text, (token,), finish_reason="stop")
+        if len(seq.generated) >= sp.max_tokens:
+            return TokenEvent(text + self._flush(seq), (token,), finish_reason="length")
+        seq.pending_token = token
+        return TokenEvent(text, (token,))
+
+    @staticmethod
+    def _flush(seq: Sequence) -> str:
+        assert seq.stop is not None
+        text, _ = seq.stop.feed(seq.decoder.flush())
+        return text + seq.stop.flush()
+
+    def _release(self, seq: Sequence, keep_sampler: bool = False, notify: bool = True) -> None:
+        """Free a running sequence's KV cells, blocks and seq id at once, and tell admission."""
+        assert self.allocator is not None
+        if seq in self._running:
+            self._running.remove(seq)
+            ll.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
+            self._free_seq_ids.append(seq.seq_id)
+            seq.seq_id = -1
+        freed = self.allocator.release(seq.request_id)
+        if not keep_sampler and seq.sampler:
+            ll.llama_sampler_free(seq.sampler)
+            seq.sampler = None
+        if freed and notify:
+            self._call_loop(self._hooks.on_capacity_freed)
+
+    def _finish(self, seq: Sequence, event: TokenEvent) -> None:
+        self._release(seq)
+        self._deliver([(seq.events, event)])
+
+    def _fail_all(self, message: str, reason: str = "error") -> None:
+        for seq in list(self._running) + list(self._parked.values()):
+            self._finish(seq, TokenEvent("", finish_reason=reason,  # type: ignore[arg-type]
+                                         error=message if reason == "error" else None))
+        self._parked.clear()
+
+    def _deliver(self, deliveries: list[tuple[asyncio.Queue[TokenEvent], TokenEvent]]) -> None:
+        if deliveries:
+            self._call_loop(_put_all, deliveries)
+
+    def _call_loop(self, fn: Any, *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
+                loop.call_soon_threadsafe(fn, *args)
+
+
+def _put_all(deliveries: list[tuple[asyncio.Queue[TokenEvent], TokenEvent]]) -> None:
+    for queue, event in deliveries:
+        queue.put_nowait(event)
+
+
+def _make_sampler(request: GenerationRequest) -> Any:
+    sp = request.sampling
+    params = ll.llama_sampler_chain_default_params()
+    params.no_perf = True
+    chain = ll.llama_sampler_chain_init(params)
+    if sp.temperature <= 0:
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+        return chain
+    if sp.top_k > 0:
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(sp.top_k))
+    if sp.top_p < 1.0:
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(sp.top_p, 1))
+    ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(sp.temperature))
+    seed = ll.LLAMA_DEFAULT_SEED if sp.seed is None else sp.seed & 0xFFFFFFFF
+    ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed))
+    return chain
+
+
+def _asdict(obj: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+    return asdict(obj)

@@ -1,0 +1,108 @@
+"""Every forge_* metric, defined once.
+
+Event metrics (histograms, counters) are updated where the event happens. State metrics (sessions,
+queue, KV blocks, memory, limits) are read live at scrape time from a snapshot provider, so that
+/metrics can never disagree with /v1/status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0)
+TPS_BUCKETS = (1, 2, 5, 10, 15, 20, 30, 40, 50, 60, 80, 100, 150, 200, 300, 500)
+ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
+QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+OUTCOMES = ("completed", "cancelled", "failed", "rejected")
+REJECTION_REASONS = ("queue_full", "ttft_target_unmeetable", "not_ready", "shutting_down", "invalid_request")
+
+
+@dataclass(frozen=True)
+class LiveState:
+    active_sessions: int
+    queue_depth: int
+    max_sessions: int
+    max_queue_depth: int
+    target_ttft_p99_ms: float
+    kv_blocks_total: int
+    kv_blocks_used: int
+    memory_used_bytes: int
+    memory_total_bytes: int
+
+
+class _LiveCollector(Collector):
+    def __init__(self, provider: Callable[[], LiveState | None]) -> None:
+        self._provider = provider
+
+    def describe(self) -> list[Metric]:
+        # Nothing to describe up front: the values only exist once the daemon runs.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        state = self._provider()
+        if state is None:
+            return
+        yield _gauge("forge_active_sessions", "Sessions (admitted requests holding KV blocks) now.",
+                     state.active_sessions)
+        yield _gauge("forge_queue_depth", "Requests waiting for a session now.", state.queue_depth)
+        yield _gauge("forge_max_sessions", "Session limit in force (alert threshold).", state.max_sessions)
+        yield _gauge("forge_max_queue_depth", "Queue depth limit in force (alert threshold).",
+                     state.max_queue_depth)
+        yield _gauge("forge_target_ttft_p99_ms", "The profile's TTFT P99 target in milliseconds "
+                     "(alert threshold).", state.target_ttft_p99_ms)
+        yield _gauge("forge_gpu_memory_used_bytes", "Memory in use on the engine's device (system RAM "
+                     "on CPU and unified-memory machines: MemTotal - MemAvailable).", state.memory_used_bytes)
+        yield _gauge("forge_gpu_memory_total_bytes", "Memory of the engine's device.", state.memory_total_bytes)
+        blocks = GaugeMetricFamily("forge_kv_cache_blocks", "KV cache blocks by state.", labels=["state"])
+        blocks.add_metric(["total"], state.kv_blocks_total)
+        blocks.add_metric(["used"], state.kv_blocks_used)
+        blocks.add_metric(["free"], state.kv_blocks_total - state.kv_blocks_used)
+        yield blocks
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+class Metrics:
+    def __init__(self, provider: Callable[[], LiveState | None]) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.ttft = Histogram("forge_ttft_seconds", "Time to first token, from request receipt.",
+                              buckets=TTFT_BUCKETS, registry=registry)
+        self.tokens_per_second = Histogram("forge_tokens_per_second", "Per-request decode rate after the "
+                                           "first token.", buckets=TPS_BUCKETS, registry=registry)
+        self.inter_token_latency = Histogram("forge_inter_token_latency_seconds", "Gap between streamed "
+                                             "tokens of one request.", buckets=ITL_BUCKETS, registry=registry)
+        self.queue_wait = Histogram("forge_queue_wait_seconds", "Time from arrival to session start.",
+                                    buckets=QUEUE_BUCKETS, registry=registry)
+        self.requests = Counter("forge_requests", "Generation requests by outcome. admitted = completed + "
+                                "cancelled + failed.", ["outcome"], registry=registry)
+        self.rejections = Counter("forge_rejections", "Requests refused, by reason.", ["reason"],
+                                  registry=registry)
+        self.preemptions = Counter("forge_preemptions", "Sessions preempted to free KV blocks.",
+                                   registry=registry)
+        self.prompt_tokens = Counter("forge_prompt_tokens", "Prompt tokens of admitted requests.",
+                                     registry=registry)
+        self.generation_tokens = Counter("forge_generation_tokens", "Tokens generated.", registry=registry)
+        self.info = Info("forge", "What this daemon runs: SKU, engine, model, profile.", registry=registry)
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason)
+        registry.register(_LiveCollector(provider))
+
+    def set_info(self, *, sku: str, engine: str, model: str, profile: str) -> None:
+        self.info.info({"sku": sku, "engine": engine, "model": model, "profile": profile})
+
+    def reject(self, reason: str) -> None:
+        self.rejections.labels(reason).inc()
+        self.requests.labels("rejected").inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,58 @@
+"""The running daemon's shared state, as the API and the notifier see it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from forged.admission import Admission
+from forged.config import LoadedConfig, Profile
+from forged.engine.llama_cpp.runner import LlamaCppEngine
+from forged.hardware import HardwareInfo, device_memory
+from forged.metrics import LiveState, Metrics
+
+Phase = Literal["loading", "ready", "draining", "failed"]
+
+
+@dataclass
+class ServiceState:
+    config: LoadedConfig
+    profile_name: str
+    profile: Profile
+    hardware: HardwareInfo
+    engine: LlamaCppEngine
+    metrics: Metrics
+    admission: Admission | None = None
+    phase: Phase = "loading"
+    failure: str | None = None
+    started_monotonic: float = field(default_factory=time.monotonic)
+    started_wall: float = field(default_factory=time.time)
+    test_hooks: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return self.phase == "ready"
+
+    @property
+    def model_id(self) -> str:
+        return self.engine.model_name
+
+    def live(self) -> LiveState | None:
+        """Snapshot for /metrics and /v1/status; None until the engine exists."""
+        admission = self.admission
+        stats = self.engine.stats()
+        memory = device_memory(self.hardware)
+        return LiveState(
+            active_sessions=len(admission.sessions) if admission else 0,
+            queue_depth=len(admission.queue) if admission else 0,
+            max_sessions=admission.limits.max_sessions if admission else
+            self.profile.inference.max_concurrent_sessions,
+            max_queue_depth=admission.limits.max_queue_depth if admission else
+            self.profile.thresholds.max_queue_depth,
+            target_ttft_p99_ms=self.profile.targets.ttft_p99_ms,
+            kv_blocks_total=stats.kv_blocks_total,
+            kv_blocks_used=stats.kv_blocks_used,
+            memory_used_bytes=memory.used_bytes,
+            memory_total_bytes=memory.total_bytes,
+        )

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh Debian 12 machine: system packages, a virtualenv with forged and its
+# engine, and (with --test) the test tools. Safe to re-run: every step is skipped when done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WITH_TEST=0
+[ "${1:-}" = "--test" ] && WITH_TEST=1
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+WHEELS=${FORGED_WHEEL_CACHE:-$HOME/.cache/forged/wheels}
+LLAMA_VERSION=0.3.36
+# A portable x86-64 build: AVX2 without the host-specific extensions. A native build on CPUs with
+# AMX crashes inside VMs that do not grant AMX state, and a package must run on every such box.
+LLAMA_CMAKE_ARGS=${LLAMA_CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON}
+
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get -o DPkg::Lock::Timeout=600 update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+apt_install build-essential cmake python3-venv python3-dev curl ca-certificates
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+fi
+
+# llama-cpp-python compiles libllama (about 4-8 minutes on 2 cores); keep the wheel outside the
+# checkout so that later clones on this machine reuse it.
+mkdir -p "$WHEELS"
+if ! ls "$WHEELS"/llama_cpp_python-$LLAMA_VERSION-*.whl >/dev/null 2>&1; then
+  echo "building llama-cpp-python $LLAMA_VERSION (CMAKE_ARGS=$LLAMA_CMAKE_ARGS)"
+  CMAKE_ARGS="$LLAMA_CMAKE_ARGS" "$VENV/bin/pip" wheel -q --no-deps --no-cache-dir -w "$WHEELS" \
+    "llama-cpp-python==$LLAMA_VERSION"
+fi
+"$VENV/bin/pip" install -q --find-links "$WHEELS" "llama-cpp-python==$LLAMA_VERSION"
+
+if [ $WITH_TEST -eq 1 ]; then
+  "$VENV/bin/pip" install -q -e ".[engine,nvml,test]"
+  # promtool from Debian's prometheus package, unpacked locally: installing the package would
+  # also enable a Prometheus server on this machine.
+  if [ ! -x build/tools/usr/bin/promtool ]; then
+    mkdir -p build/tools && (cd build/tools && apt-get -o DPkg::Lock::Timeout=600 download prometheus >/dev/null 2>&1 \
+      || { apt-get -o DPkg::Lock::Timeout=600 update -qq && apt-get download prometheus; })
+    dpkg-deb -x build/tools/prometheus_*.deb build/tools
+  fi
+else
+  "$VENV/bin/pip" install -q -e ".[engine,nvml]"
+fi
