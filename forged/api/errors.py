@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -12,7 +13,14 @@ from forged.api.requests import BadRequest
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = web.AppKey("max_body_bytes", int)
+
+def app_key(name: str, kind: type) -> Any:
+    """A typed aiohttp AppKey where aiohttp has them (3.9+); a plain string key on Debian 12's 3.8."""
+    factory = getattr(web, "AppKey", None)
+    return factory(name, kind) if factory else name
+
+
+MAX_BODY = app_key("max_body_bytes", int)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           405: "invalid_request_error", 413: "invalid_request_error", 431: "invalid_request_error",
           503: "service_unavailable"}

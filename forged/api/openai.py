@@ -17,15 +17,15 @@ from typing import Any, Literal
 from aiohttp import web
 
 from forged.admission import Refused, Ticket
-from forged.api.errors import error_response, sse_error
+from forged.api.errors import app_key, error_response, sse_error
 from forged.api.requests import BadRequest, ParsedRequest, parse_chat, parse_completion
 from forged.engine.base import GenerationRequest, RequestRejected, TokenEvent
 from forged.state import ServiceState
 from forged.targets import LatencyWindow
 
 Kind = Literal["completion", "chat"]
-STATE = web.AppKey("state", ServiceState)
-WINDOW = web.AppKey("window", LatencyWindow)
+STATE = app_key("state", ServiceState)
+WINDOW = app_key("window", LatencyWindow)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:

@@ -64,4 +64,10 @@ def test_promtool_check_metrics(shared_daemon: Daemon) -> None:
     assert shutil.which("promtool"), "promtool missing: `make test` unpacks it into build/tools"
     text = _scrape(shared_daemon)
     result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
+    # DESIGN.md fixes the seed's name forge_target_ttft_p99_ms, which promtool's naming lint flags
+    # for its "ms" unit (exit 3 = lint findings only; a malformed exposition exits 1). That one
+    # finding is accepted deliberately; any other finding, or any parse error, fails.
+    findings = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    known = "forge_target_ttft_p99_ms metric names should not contain abbreviated units"
+    assert result.returncode in (0, 3), result.stdout + result.stderr
+    assert [f for f in findings if f != known] == [], findings

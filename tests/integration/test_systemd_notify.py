@@ -43,14 +43,17 @@ def test_ready_status_watchdog_and_stall(make_daemon, tmp_path: Path) -> None:
     assert httpx.get(f"{daemon.url}/readyz").status_code == 200
 
     # Wedge the step loop with work pending: the pings must stop.
-    httpx.post(f"{daemon.url}/_test/fault", json={"kind": "hang", "seconds": 4}).raise_for_status()
+    httpx.post(f"{daemon.url}/_test/fault", json={"kind": "hang", "seconds": 5}).raise_for_status()
     def hung_request() -> None:
         with contextlib.suppress(httpx.HTTPError):
             httpx.post(f"{daemon.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 4}, timeout=30)
 
     worker = threading.Thread(target=hung_request)
     worker.start()
-    during = _receive(sock, 3)
+    while daemon.status()["sessions"]["active"] == 0:  # the request is now pending in the engine
+        time.sleep(0.02)
+    _receive(sock, 0.6)  # drop a ping that was already due when the work arrived
+    during = _receive(sock, 2.5)
     assert [m for _, m in during if m == "WATCHDOG=1"] == [], during
     assert httpx.get(f"{daemon.url}/readyz").status_code in (200, 503)
     worker.join(30)
