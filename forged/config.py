@@ -92,6 +92,9 @@ class EngineLevers:
     enable_chunked_context: bool = True
     max_num_tokens: int = field(2048, lo=16, hi=1_048_576)
     scheduler_policy: SchedulerPolicy = "guaranteed_no_evict"
+    # Share of the device's free memory (after weights) the KV cache may take. On unified-memory
+    # machines and CPU boxes "free" is MemAvailable.
+    free_gpu_memory_fraction: float = field(0.9, lo=0.01, hi=1.0)
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,12 @@ class Targets:
 
 
 @dataclass(frozen=True)
+class AdmissionPolicy:
+    # off: the queue alone guards; deadline: refuse at once what cannot meet targets.ttft_p99_ms.
+    mode: Literal["off", "deadline"] = "off"
+
+
+@dataclass(frozen=True)
 class LlamaCppOptions:
     # 0: every core the process may run on.
     n_threads: int = field(0, lo=0, hi=1024)
@@ -129,6 +138,7 @@ class Profile:
     inference: InferenceLimits = field(default_factory=InferenceLimits)
     thresholds: Thresholds = field(default_factory=Thresholds)
     targets: Targets = field(default_factory=Targets)
+    admission: AdmissionPolicy = field(default_factory=AdmissionPolicy)
     llama_cpp: LlamaCppOptions = field(default_factory=LlamaCppOptions)
 
 
