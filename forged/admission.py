@@ -44,6 +44,7 @@ class Ticket:
     admitted: asyncio.Event = field(default_factory=asyncio.Event)
     started: float | None = None
     done: bool = False
+    predicted_ttft_s: float | None = None
 
     @property
     def request_id(self) -> str:
@@ -54,6 +55,8 @@ class Ticket:
 class Limits:
     max_sessions: int
     max_queue_depth: int
+    # Deadline admission: refuse at once a request predicted to miss this TTFT (seconds); None = off.
+    ttft_deadline_s: float | None = None
 
 
 class Admission:
@@ -77,6 +80,13 @@ class Admission:
             self.metrics.reject("shutting_down")
             raise Refused(503, "shutting_down", "forged is shutting down", retry_after=self._retry_after())
         ticket = Ticket(request=request, arrived=time.monotonic())
+        ticket.predicted_ttft_s = self.predict_ttft(request)
+        deadline = self.limits.ttft_deadline_s
+        if deadline is not None and ticket.predicted_ttft_s is not None and ticket.predicted_ttft_s > deadline:
+            self.metrics.reject("ttft_target_unmeetable")
+            raise Refused(503, "ttft_target_unmeetable",
+                          f"predicted time to first token {ticket.predicted_ttft_s:.1f} s exceeds the target "
+                          f"of {deadline:.1f} s", retry_after=max(1, math.ceil(ticket.predicted_ttft_s - deadline)))
         if self.queue or not self._try_start(ticket):
             if len(self.queue) >= self.limits.max_queue_depth:
                 self.metrics.reject("queue_full")
@@ -160,20 +170,36 @@ class Admission:
         if not self.queue and not self.sessions:
             self._idle.set()
 
-    def _retry_after(self) -> int:
-        """Seconds until a place is likely free: the queue ahead of this request, divided by how
-        fast sessions have been finishing. Before anything has finished, the oldest running
-        session's age stands in for one session's duration."""
+    def predict_ttft(self, request: GenerationRequest) -> float | None:
+        """Seconds until this request's first token, from the measured prefill rate and the prompt
+        tokens ahead of it (running sessions' unfinished prefill and the queue), plus the wait for a
+        session when all are taken. None before the engine has measured anything."""
+        stats = self.engine.stats()
+        rate = stats.prefill_tokens_per_s
+        if rate <= 0:
+            return None
+        ahead = stats.prefill_backlog_tokens + sum(len(t.request.prompt_tokens) for t in self.queue)
+        slots_short = len(self.queue) + 1 - (self.limits.max_sessions - len(self.sessions))
+        drain = self._drain_rate()
+        wait_for_session = slots_short / drain if slots_short > 0 and drain else 0.0
+        return max(ahead / rate, wait_for_session) + len(request.prompt_tokens) / rate
+
+    def _drain_rate(self) -> float:
+        """Sessions finished per second over the last DRAIN_WINDOW_S. Before two have finished,
+        the oldest running session's age stands in for one session's duration; 0 when idle."""
         now = time.monotonic()
         while self._completions and now - self._completions[0] > DRAIN_WINDOW_S:
             self._completions.popleft()
-        ahead = len(self.queue) + 1
         if len(self._completions) >= 2:
-            span = max(now - self._completions[0], 1e-3)
-            rate = len(self._completions) / span
-        elif self.sessions:
+            return len(self._completions) / max(now - self._completions[0], 1e-3)
+        if self.sessions:
             oldest = min(t.started or now for t in self.sessions.values())
-            rate = len(self.sessions) / max(now - oldest, 1.0)
-        else:
+            return len(self.sessions) / max(now - oldest, 1.0)
+        return 0.0
+
+    def _retry_after(self) -> int:
+        """Seconds until a place is likely free: the requests ahead divided by the drain rate."""
+        rate = self._drain_rate()
+        if rate <= 0:
             return 1
-        return max(1, min(MAX_RETRY_AFTER_S, math.ceil(ahead / rate)))
+        return max(1, min(MAX_RETRY_AFTER_S, math.ceil((len(self.queue) + 1) / rate)))

@@ -1,4 +1,4 @@
-"""Command lines: `forged` (run, check-config, show-profile) and `forgectl` (status)."""
+"""Command lines: `forged` (run, probe, check-config, show-profile) and `forgectl` (status)."""
 
 from __future__ import annotations
 
@@ -29,12 +29,16 @@ def forged_main(argv: list[str] | None = None) -> int:
     sub.add_parser("run", help="run the daemon in the foreground (the default)")
     sub.add_parser("check-config", help="validate the configuration and exit")
     sub.add_parser("show-profile", help="print the profile this machine would use, as JSON")
+    probe_parser = sub.add_parser("probe", help="show the hardware found, every profile tried and the winner")
+    probe_parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     config_dir = config_mod.resolve_config_dir(args.config_dir)
     _setup_logging()
     if args.command in (None, "run"):
         from forged.daemon import main  # imports libllama; keep it off the other commands' path
         return main(config_dir)
+    if args.command == "probe":
+        return profiles.probe_command(config_dir, as_json=args.json)
     try:
         loaded = config_mod.load(config_dir)
         selection = profiles.select(loaded, hardware.probe())
@@ -78,7 +82,14 @@ def forgectl_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("status", help="profile, model, sessions, queue, KV and targets at a glance")
+    from forged import modelctl, plan
+    modelctl.add_parser(sub)
+    plan.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "model":
+        return modelctl.main(args)
+    if args.command == "plan":
+        return plan.main(args, as_json=args.json)
     socket_path = args.socket or str(paths.run_dir() / "forged.sock")
     try:
         status = _get(args.url, socket_path, "/v1/status")

@@ -12,11 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from forged.layers import load_profile_layers, profile_files
 from forged.schema import ConfigError, Located, build, field, load_yaml
 
 DEFAULT_CONFIG_DIR = Path("/etc/forged")
 SETTINGS_FILE = "forged.yaml"
 PROFILES_FILE = "sku_profiles.yaml"
+DROPIN_DIR = "conf.d"
+# Where the package installs its default profiles; files in the config dir override them by name.
+DEFAULT_PROFILES_DIR = Path("/usr/share/forged/profiles")
 
 KvDtype = Literal["fp32", "fp16", "bf16", "fp8"]
 SchedulerPolicy = Literal["max_utilization", "guaranteed_no_evict"]
@@ -95,6 +99,8 @@ class EngineLevers:
     # Share of the device's free memory (after weights) the KV cache may take. On unified-memory
     # machines and CPU boxes "free" is MemAvailable.
     free_gpu_memory_fraction: float = field(0.9, lo=0.01, hi=1.0)
+    # Hard cap on KV tokens (TensorRT-LLM's KvCacheConfig.max_tokens); the smaller of the two wins.
+    kv_cache_max_tokens: int | None = field(None, lo=64)
 
 
 @dataclass(frozen=True)
@@ -131,8 +137,29 @@ class LlamaCppOptions:
 
 
 @dataclass(frozen=True)
+class MatchRule:
+    """One way a profile matches a machine: every condition given must hold.
+
+    A profile's rules are tried in order and the first that holds matches; profiles are tried in
+    order too (forged.layers says which) and the first that matches wins. Ranges are half-open:
+    `at_least` <= value < `below`. Compute capability is written major.minor, e.g. 8.9.
+    """
+
+    kind: Literal["jetson", "gpu", "cpu"] | None = None
+    # A Python regular expression, searched for in the hardware name (the devicetree model on a
+    # Jetson, the NVML name of the engine's GPU, the CPU model on a CPU box).
+    name: str | None = None
+    memory_gib_at_least: float | None = field(None, lo=0)
+    memory_gib_below: float | None = field(None, lo=0)
+    compute_capability_at_least: float | None = field(None, lo=0, hi=99)
+    compute_capability_below: float | None = field(None, lo=0, hi=99)
+
+
+@dataclass(frozen=True)
 class Profile:
     description: str = ""
+    # How `profile: auto` picks this profile; none: only a pin selects it.
+    match: tuple[MatchRule, ...] = ()
     engine: Literal["llama_cpp", "tensorrt_llm"] = "llama_cpp"
     tensorrt_llm: EngineLevers = field(default_factory=EngineLevers)
     inference: InferenceLimits = field(default_factory=InferenceLimits)
@@ -156,6 +183,8 @@ class LoadedConfig:
     profiles: dict[str, Profile]
     settings_source: Located
     profiles_source: Located
+    # Every profile file read, in layer order (forged.layers).
+    profile_files: tuple[str, ...] = ()
 
 
 def resolve_config_dir(flag: str | None) -> Path:
@@ -165,21 +194,37 @@ def resolve_config_dir(flag: str | None) -> Path:
     return Path(env) if env else DEFAULT_CONFIG_DIR
 
 
-def load(config_dir: Path) -> LoadedConfig:
-    """Load and validate both files. Raises ConfigError with a one-line message."""
+def resolve_profiles_dir() -> Path | None:
+    """The packaged defaults: $FORGED_PROFILES_DIR (empty: none), else /usr/share/forged/profiles."""
+    env = os.environ.get("FORGED_PROFILES_DIR")
+    if env is not None:
+        return Path(env) if env else None
+    return DEFAULT_PROFILES_DIR if DEFAULT_PROFILES_DIR.is_dir() else None
+
+
+def load(config_dir: Path, profiles_dir: Path | None = None) -> LoadedConfig:
+    """Load and validate forged.yaml and the profile layers. Raises ConfigError with one line.
+
+    Profiles: packaged defaults (`profiles_dir`, default `resolve_profiles_dir()`), overridden by
+    name from <config_dir>/sku_profiles.yaml, then <config_dir>/conf.d/*.yaml in sorted order.
+    """
     settings_src = load_yaml(config_dir / SETTINGS_FILE)
     settings = build(Settings, settings_src)
     _check_settings(settings, settings_src)
-    profiles_src = load_yaml(config_dir / PROFILES_FILE)
+    files = profile_files(profiles_dir if profiles_dir is not None else resolve_profiles_dir(),
+                          config_dir / PROFILES_FILE, config_dir / DROPIN_DIR)
+    profiles_src, _order = load_profile_layers(files)
     profiles = build(ProfileFile, profiles_src).profiles
     if not profiles:
         raise ConfigError(f"{profiles_src.where('profiles')}: profiles: at least one profile is required")
     for name, profile in profiles.items():
         _check_profile(name, profile, profiles_src)
+        _check_match(name, profile, profiles_src)
     if settings.profile != "auto" and settings.profile not in profiles:
         raise ConfigError(f"{settings_src.where('profile')}: profile: unknown profile "
                           f"{settings.profile!r}; expected auto or one of: {', '.join(sorted(profiles))}")
-    return LoadedConfig(config_dir, settings, profiles, settings_src, profiles_src)
+    return LoadedConfig(config_dir, settings, profiles, settings_src, profiles_src,
+                        profile_files=profiles_src.files)
 
 
 def _check_settings(settings: Settings, src: Located) -> None:
@@ -206,3 +251,25 @@ def _check_profile(name: str, profile: Profile, src: Located) -> None:
         raise ConfigError(f"{src.where(base + '.max_num_tokens')}: {base}.max_num_tokens: expected more "
                           f"than max_concurrent_sessions ({profile.inference.max_concurrent_sessions}), "
                           f"so that every running session can decode each step, got {levers.max_num_tokens}")
+
+
+def _check_match(name: str, profile: Profile, src: Located) -> None:
+    import re
+
+    for i, rule in enumerate(profile.match):
+        base = f"profiles.{name}.match[{i}]"
+        if rule == MatchRule():
+            raise ConfigError(f"{src.where(base)}: {base}: expected at least one condition (kind, name, "
+                              f"memory_gib_at_least, memory_gib_below, compute_capability_at_least, "
+                              f"compute_capability_below), got none")
+        if rule.name is not None:
+            try:
+                re.compile(rule.name)
+            except re.error as exc:
+                raise ConfigError(f"{src.where(base + '.name')}: {base}.name: expected a regular expression, "
+                                  f"got {rule.name!r} ({exc})") from None
+        for what in ("memory_gib", "compute_capability"):
+            lo, hi = getattr(rule, f"{what}_at_least"), getattr(rule, f"{what}_below")
+            if lo is not None and hi is not None and lo >= hi:
+                raise ConfigError(f"{src.where(f'{base}.{what}_below')}: {base}.{what}_below: expected more "
+                                  f"than {what}_at_least ({lo:g}), got {hi:g}")

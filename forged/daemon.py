@@ -18,7 +18,7 @@ from pathlib import Path
 
 from forged import config as config_mod
 from forged import hardware as hardware_mod
-from forged import paths, profiles
+from forged import paths, profiles, sanity
 from forged.admission import Admission, Limits
 from forged.api.app import build_app, make_runner, open_listeners
 from forged.engine.base import EngineError, EngineHooks
@@ -57,7 +57,8 @@ class Daemon:
                  hardware.cores, hardware.memory_total_bytes / 2**30, selection.name, selection.reason)
         model_path, model_name = resolve_model(loaded.settings.model, paths.state_dir())
         check_gguf(model_path)  # fail before opening listeners: one line naming the file
-        engine = LlamaCppEngine(selection.profile, model_path, model_name)
+        engine = LlamaCppEngine(selection.profile, model_path, model_name,
+                                memory_available=lambda: _available(hardware))
         # The metrics read live state at scrape time; `state` exists before any scrape can happen.
         metrics = Metrics(lambda: state.live())
         state = ServiceState(config=loaded, profile_name=selection.name, profile=selection.profile,
@@ -76,12 +77,19 @@ class Daemon:
 
         runner = make_runner(build_app(state))
         await runner.setup()
+        inherited = inherited_sockets()
         try:
             socket_path = Path(loaded.settings.listen.unix.path or paths.run_dir() / "forged.sock")
-            opened = await open_listeners(runner, loaded.settings, socket_path, inherited_sockets())
+            opened = await open_listeners(runner, loaded.settings, socket_path, inherited)
             log.info("listening on %s", ", ".join(opened))
             await self._load(engine)
-            state.admission = Admission(engine, _limits(selection.profile), state.metrics)
+            assert engine.kv_shape is not None
+            memory = sanity.check(selection.profile, hardware_mod.device_memory(hardware), engine.kv_shape)
+            state.memory_warning = memory.warning
+            if memory.warning:
+                log.warning("%s", memory.warning)
+            state.admission = Admission(engine, _limits(selection.profile, memory.sessions_enforced),
+                                        state.metrics)
             engine.start(loop, EngineHooks(on_preempted=state.admission.on_preempted,
                                            on_capacity_freed=state.admission.on_capacity_freed,
                                            on_fatal=self._on_fatal))
@@ -99,7 +107,8 @@ class Daemon:
                 task.cancel()
             await runner.cleanup()
             await engine.stop()
-            if not loaded.settings.listen.unix.path or socket_path.parent == paths.run_dir():
+            # A socket passed by systemd belongs to forged.socket and must outlive this process.
+            if not inherited and (not loaded.settings.listen.unix.path or socket_path.parent == paths.run_dir()):
                 socket_path.unlink(missing_ok=True)
         return self._exit_code
 
@@ -156,6 +165,11 @@ class Daemon:
             self.notifier.ready(self._status_line())
             return
         new = selection.profile
+        if selection.name != state.profile_name:
+            log.warning("reload: the config now selects profile %s instead of %s; that switch needs a restart. "
+                        "Applying only %s's guards and targets.", selection.name, state.profile_name,
+                        state.profile_name)
+            new = loaded.profiles.get(state.profile_name, state.profile)
         pending = [key for key, old_v, new_v in (
             ("tensorrt_llm", state.profile.tensorrt_llm, new.tensorrt_llm),
             ("inference.max_seq_len", state.profile.inference.max_seq_len, new.inference.max_seq_len),
@@ -168,7 +182,10 @@ class Daemon:
         if new.inference.max_concurrent_sessions > sessions:
             pending.append("inference.max_concurrent_sessions above the engine's n_seq_max")
         state.profile = _live_profile(state.profile, new, sessions)
-        state.admission.set_limits(Limits(sessions, new.thresholds.max_queue_depth))
+        state.admission.set_limits(_limits(new, sessions))
+        if selection.name != state.profile_name:
+            pending.append(f"profile switch to {selection.name}")
+        state.pending_restart = pending
         if pending:
             log.warning("reload: changes that need a restart are pending: %s", ", ".join(pending))
         log.info("reloaded: sessions %d, queue %d, targets %s", sessions, new.thresholds.max_queue_depth,
@@ -190,9 +207,10 @@ class Daemon:
             return f"profile {state.profile_name}: {state.phase}"
         a = state.admission
         stats = state.engine.stats()
-        return (f"profile {state.profile_name}, {state.phase}: sessions {len(a.sessions)}/{a.limits.max_sessions}, "
+        line = (f"profile {state.profile_name}, {state.phase}: sessions {len(a.sessions)}/{a.limits.max_sessions}, "
                 f"queue {len(a.queue)}/{a.limits.max_queue_depth}, "
                 f"KV blocks {stats.kv_blocks_used}/{stats.kv_blocks_total}")
+        return f"{line}; WARNING {state.memory_warning}" if state.memory_warning else line
 
     async def _status_loop(self) -> None:
         while True:
@@ -200,14 +218,20 @@ class Daemon:
             self.notifier.status(self._status_line())
 
 
-def _limits(profile: config_mod.Profile) -> Limits:
-    return Limits(profile.inference.max_concurrent_sessions, profile.thresholds.max_queue_depth)
+def _available(hardware: hardware_mod.HardwareInfo) -> int:
+    return hardware_mod.device_memory(hardware).available_bytes
+
+
+def _limits(profile: config_mod.Profile, sessions: int | None = None) -> Limits:
+    deadline = profile.targets.ttft_p99_ms / 1000 if profile.admission.mode == "deadline" else None
+    return Limits(sessions or profile.inference.max_concurrent_sessions, profile.thresholds.max_queue_depth,
+                  deadline)
 
 
 def _live_profile(old: config_mod.Profile, new: config_mod.Profile, sessions: int) -> config_mod.Profile:
     """The profile as it now runs: new guards and targets, the old engine levers until a restart."""
     from dataclasses import replace
-    return replace(old, thresholds=new.thresholds, targets=new.targets,
+    return replace(old, thresholds=new.thresholds, targets=new.targets, admission=new.admission,
                    inference=replace(old.inference, max_concurrent_sessions=sessions),
                    description=new.description)
 

@@ -1,37 +1,116 @@
 """What forged runs on, and how much memory the engine's device has right now.
 
-This slice knows the CPU box: model name, cores and memory from /proc. The memory figures are the
-ones the kernel itself stands behind: MemTotal, and MemAvailable as the honest free figure (page
-cache that can be dropped counts as free; MemFree alone would understate it).
+`probe()` looks in this order and never raises:
+
+1. **Jetson**: the devicetree `model`/`compatible` and `/etc/nv_tegra_release` (`forged.jetson`),
+   unified memory from /proc/meminfo, the GPU's name, load and compute capability from NVML when it
+   answers (on Thor it does, but memory queries answer NOT_SUPPORTED), jtop when its service runs.
+2. **Discrete GPU** through nvidia-ml-py (`forged.nvml`): every device's name, UUID, compute
+   capability and memory (nvmlMemory_v2: total, used, reserved, free), the driver and CUDA
+   versions. The engine's device is NVML index 0, or the first one CUDA_VISIBLE_DEVICES names.
+3. **Otherwise the CPU**: model, cores, MemTotal.
+
+Everything reads through `root` (a filesystem root) and an `NvmlSession` (over `pynvml` or a test
+stand-in), so tests can present a Thor, an RTX 4000 Ada, an H200 or a CPU box. What could not be
+read is said in `notes`, and the probe goes on with what it has.
+
+Memory figures: on CPU boxes and unified-memory machines MemTotal, and MemAvailable as the honest
+free figure (page cache that can be dropped counts as free); on a discrete GPU NVML's v2 figures,
+whose `used` excludes driver-reserved memory as nvidia-smi shows it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+from forged import jetson as jetson_mod
+from forged import nvml as nvml_mod
+from forged.jetson import JetsonInfo
+from forged.nvml import NvmlSession, failed
+
+log = logging.getLogger("forged.hardware")
+
+Kind = Literal["jetson", "gpu", "cpu"]
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    uuid: str | None = None
+    compute_capability: str | None = None  # "9.0"
+    memory_total_bytes: int | None = None
+    memory_used_bytes: int | None = None
+    memory_reserved_bytes: int | None = None
+    memory_free_bytes: int | None = None
+    # "nvml v2", "nvml v1", or why there is none ("nvmlDeviceGetMemoryInfo: Not Supported ...").
+    memory_source: str | None = None
+    utilization_percent: int | None = None
 
 
 @dataclass(frozen=True)
 class HardwareInfo:
-    kind: Literal["jetson", "gpu", "cpu"]
+    kind: Kind
+    # Jetson: the devicetree model; GPU: the engine device's NVML name; CPU: the CPU model.
     name: str
     cores: int
+    # The engine device's memory: MemTotal on CPU and unified-memory machines, NVML total on a GPU.
     memory_total_bytes: int
     unified_memory: bool
+    compute_capability: str | None = None
+    cpu_model: str = ""
+    system_memory_total_bytes: int = 0
+    # NVML index of the engine's device (None: no discrete GPU in use).
+    device_index: int | None = None
+    gpus: tuple[GpuInfo, ...] = ()
+    driver_version: str | None = None
+    cuda_driver_version: str | None = None
+    nvml_version: str | None = None
+    jetson: JetsonInfo | None = None
+    # What could not be read or was skipped, and why; the probe went on without it.
+    notes: tuple[str, ...] = ()
+
+    @property
+    def memory_gib(self) -> float:
+        return self.memory_total_bytes / 2**30
+
+    @property
+    def gpu(self) -> GpuInfo | None:
+        """The engine's GPU (the Jetson's integrated one too), if NVML named one."""
+        for gpu in self.gpus:
+            if gpu.index == (self.device_index if self.device_index is not None else 0):
+                return gpu
+        return None
 
 
 @dataclass(frozen=True)
 class MemoryReading:
     used_bytes: int
     total_bytes: int
+    # Driver-reserved memory on a discrete GPU (NVML v2); 0 elsewhere.
+    reserved_bytes: int = 0
 
+    @property
+    def available_bytes(self) -> int:
+        """What an allocation can still get: MemAvailable, or NVML v2 free (total - reserved - used)."""
+        return max(self.total_bytes - self.used_bytes - self.reserved_bytes, 0)
+
+
+# ---------------------------------------------------------------- /proc
 
 def read_meminfo(root: Path = Path("/")) -> dict[str, int]:
-    """/proc/meminfo as bytes per key."""
+    """/proc/meminfo as bytes per key ({} when it cannot be read)."""
     out: dict[str, int] = {}
-    for line in (root / "proc/meminfo").read_text().splitlines():
+    try:
+        text = (root / "proc/meminfo").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
         key, _, rest = line.partition(":")
         parts = rest.split()
         if parts and parts[0].isdigit():
@@ -59,12 +138,173 @@ def cpu_model(root: Path = Path("/")) -> str:
     return "unknown CPU"
 
 
-def probe(root: Path = Path("/")) -> HardwareInfo:
-    """The CPU box: the only kind this slice detects (GPU and Jetson probing come later)."""
-    return HardwareInfo(kind="cpu", name=cpu_model(root), cores=len(os.sched_getaffinity(0)),
-                        memory_total_bytes=system_memory(root).total_bytes, unified_memory=True)
+# ---------------------------------------------------------------- NVML
+
+_default_session: NvmlSession | None = None
 
 
-def device_memory(hardware: HardwareInfo) -> MemoryReading:
-    """Memory of the device the engine runs on: system RAM on CPU and unified-memory machines."""
-    return system_memory()
+def default_nvml() -> NvmlSession:
+    """The process's NVML session over the real `pynvml`, started on first use and kept."""
+    global _default_session
+    if _default_session is None:
+        _default_session = NvmlSession()
+    return _default_session
+
+
+@dataclass(frozen=True)
+class _NvmlView:
+    gpus: tuple[GpuInfo, ...]
+    driver_version: str | None
+    cuda_driver_version: str | None
+    nvml_version: str | None
+    notes: tuple[str, ...]
+
+
+def _probe_nvml(session: NvmlSession) -> _NvmlView:
+    failure = session.start()
+    if failure is not None:
+        return _NvmlView((), None, None, None, (f"NVML not used: {failure}",))
+    notes: list[str] = []
+
+    def ask(name: str, *args: Any, **kw: Any) -> Any:
+        value = session.call(name, *args, **kw)
+        if failed(value):
+            notes.append(str(value))
+            return None
+        return value
+
+    driver = ask("nvmlSystemGetDriverVersion")
+    cuda = ask("nvmlSystemGetCudaDriverVersion")
+    version = ask("nvmlSystemGetNVMLVersion")
+    count = ask("nvmlDeviceGetCount") or 0
+    gpus = []
+    for index in range(count):
+        handle = ask("nvmlDeviceGetHandleByIndex", index)
+        if handle is None:
+            continue
+        name = ask("nvmlDeviceGetName", handle) or f"NVIDIA GPU {index} (name unknown)"
+        cc = ask("nvmlDeviceGetCudaComputeCapability", handle)
+        memory = nvml_mod.device_memory(session, handle)
+        util = session.call("nvmlDeviceGetUtilizationRates", handle)
+        gpu = GpuInfo(index=index, name=str(name), uuid=ask("nvmlDeviceGetUUID", handle),
+                      compute_capability=f"{cc[0]}.{cc[1]}" if cc else None,
+                      utilization_percent=None if failed(util) else int(util.gpu))
+        if failed(memory):
+            notes.append(f"GPU {index}: {memory}")
+            gpu = _replace(gpu, memory_source=f"not available: {memory}")
+        else:
+            gpu = _replace(gpu, memory_total_bytes=memory.total_bytes, memory_used_bytes=memory.used_bytes,
+                           memory_reserved_bytes=memory.reserved_bytes, memory_free_bytes=memory.free_bytes,
+                           memory_source=memory.source)
+        gpus.append(gpu)
+    return _NvmlView(tuple(gpus), driver, nvml_mod.cuda_version_text(cuda) if cuda else None, version,
+                     tuple(notes))
+
+
+def _replace(obj: Any, **changes: Any) -> Any:
+    from dataclasses import replace
+    return replace(obj, **changes)
+
+
+def engine_device(gpus: tuple[GpuInfo, ...], env: Mapping[str, str]) -> tuple[GpuInfo | None, str | None]:
+    """The GPU the engine will use: NVML index 0, or the first device CUDA_VISIBLE_DEVICES names.
+
+    CUDA numbers devices fastest-first unless CUDA_DEVICE_ORDER=PCI_BUS_ID, NVML in PCI order: on a
+    box of identical GPUs they agree; on a mixed box name the device by UUID.
+    """
+    if not gpus:
+        return None, None
+    value = env.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return gpus[0], None
+    first = value.split(",")[0].strip()
+    if first.isdigit() and int(first) < len(gpus):
+        return gpus[int(first)], f"CUDA_VISIBLE_DEVICES={value}: the engine's device is NVML index {first}"
+    if first.startswith(("GPU-", "MIG-")):
+        found = [gpu for gpu in gpus if gpu.uuid and gpu.uuid.startswith(first)]
+        if len(found) == 1:  # CUDA takes a unique UUID prefix
+            return found[0], f"CUDA_VISIBLE_DEVICES={value}: the engine's device is NVML index {found[0].index}"
+    return None, f"CUDA_VISIBLE_DEVICES={value!r} hides every GPU NVML lists"
+
+
+# ---------------------------------------------------------------- probe
+
+def probe(root: Path = Path("/"), *, nvml: NvmlSession | None = None, env: Mapping[str, str] | None = None,
+          jtop_module: Any = None, use_jtop: bool = True) -> HardwareInfo:
+    """Jetson, else a discrete GPU, else the CPU. Never raises: what fails is said in `notes` (and logged)."""
+    info = _probe(root, nvml, env, jtop_module, use_jtop)
+    for note in info.notes:
+        log.info("probe: %s", note)
+    return info
+
+
+def _probe(root: Path, nvml: NvmlSession | None, env: Mapping[str, str] | None, jtop_module: Any,
+           use_jtop: bool) -> HardwareInfo:
+    env = os.environ if env is None else env
+    session = nvml if nvml is not None else default_nvml()
+    cores = len(os.sched_getaffinity(0))
+    cpu = cpu_model(root)
+    sysmem = system_memory(root)
+    notes: list[str] = []
+    if sysmem.total_bytes == 0:
+        notes.append(f"{root / 'proc/meminfo'}: no MemTotal")
+
+    jetson = jetson_mod.probe(root, jtop_module, use_jtop)
+    view = _probe_nvml(session)
+    notes.extend(view.notes)
+    common = dict(cores=cores, cpu_model=cpu, system_memory_total_bytes=sysmem.total_bytes, gpus=view.gpus,
+                  driver_version=view.driver_version, cuda_driver_version=view.cuda_driver_version,
+                  nvml_version=view.nvml_version)
+
+    if jetson is not None:
+        gpu = view.gpus[0] if view.gpus else None
+        cc = (gpu.compute_capability if gpu else None) or jetson_mod.COMPUTE_CAPABILITY_FOR_SOC.get(jetson.soc or "")
+        if jetson.jtop.startswith("not used"):
+            notes.append(f"jtop {jetson.jtop}")
+        return HardwareInfo(kind="jetson", name=jetson.model, memory_total_bytes=sysmem.total_bytes,
+                            unified_memory=True, compute_capability=cc, jetson=jetson,
+                            device_index=gpu.index if gpu else None, notes=tuple(notes), **common)
+
+    gpu, why = engine_device(view.gpus, env)
+    if why:
+        notes.append(why)
+    if gpu is not None:
+        if gpu.memory_total_bytes is None:
+            # An integrated GPU that NVML lists but whose memory it cannot report (GB10 does this):
+            # its memory is the system's.
+            notes.append(f"{gpu.name}: NVML reports no memory; treating it as unified memory (MemTotal)")
+            return HardwareInfo(kind="gpu", name=gpu.name, memory_total_bytes=sysmem.total_bytes,
+                                unified_memory=True, compute_capability=gpu.compute_capability,
+                                device_index=gpu.index, notes=tuple(notes), **common)
+        return HardwareInfo(kind="gpu", name=gpu.name, memory_total_bytes=gpu.memory_total_bytes,
+                            unified_memory=False, compute_capability=gpu.compute_capability,
+                            device_index=gpu.index, notes=tuple(notes), **common)
+
+    return HardwareInfo(kind="cpu", name=cpu, memory_total_bytes=sysmem.total_bytes, unified_memory=True,
+                        notes=tuple(notes), **common)
+
+
+_warned_memory = False
+
+
+def device_memory(hardware: HardwareInfo, *, root: Path = Path("/"), nvml: NvmlSession | None = None) -> MemoryReading:
+    """Memory of the device the engine runs on, read now.
+
+    A discrete GPU: NVML v2 used/reserved/total of the engine's device. CPU boxes and unified-memory
+    machines (Jetson): MemTotal, and MemTotal - MemAvailable as used. If NVML stops answering, the
+    probe's reading stands in (logged once).
+    """
+    global _warned_memory
+    if hardware.unified_memory or hardware.device_index is None:
+        return system_memory(root)
+    session = nvml if nvml is not None else default_nvml()
+    handle = session.call("nvmlDeviceGetHandleByIndex", hardware.device_index)
+    memory = handle if failed(handle) else nvml_mod.device_memory(session, handle)
+    if not failed(memory):
+        return MemoryReading(memory.used_bytes, memory.total_bytes, memory.reserved_bytes)
+    if not _warned_memory:
+        log.warning("GPU memory read failed (%s); reporting the reading taken at start", memory)
+        _warned_memory = True
+    gpu = hardware.gpu
+    return MemoryReading(gpu.memory_used_bytes or 0 if gpu else 0, hardware.memory_total_bytes,
+                         gpu.memory_reserved_bytes or 0 if gpu else 0)

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0)
 TPS_BUCKETS = (1, 2, 5, 10, 15, 20, 30, 40, 50, 60, 80, 100, 150, 200, 300, 500)
 ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
+PREDICTION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 OUTCOMES = ("completed", "cancelled", "failed", "rejected")
@@ -81,6 +82,10 @@ class Metrics:
                                              "tokens of one request.", buckets=ITL_BUCKETS, registry=registry)
         self.queue_wait = Histogram("forge_queue_wait_seconds", "Time from arrival to session start.",
                                     buckets=QUEUE_BUCKETS, registry=registry)
+        self.ttft_prediction_error = Histogram(
+            "forge_ttft_prediction_error_seconds", "How far admission's TTFT prediction was from the "
+            "measured TTFT (absolute), per admitted request.", buckets=PREDICTION_BUCKETS,
+            registry=registry)
         self.requests = Counter("forge_requests", "Generation requests by outcome. admitted = completed + "
                                 "cancelled + failed.", ["outcome"], registry=registry)
         self.rejections = Counter("forge_rejections", "Requests refused, by reason.", ["reason"],

