@@ -35,6 +35,7 @@ from forged.engine.base import (
     TokenEvent,
 )
 from forged.engine.kv import LLAMA_CPP_DTYPE_BYTES, KvShape, shape_from_metadata
+from forged.engine.llama_cpp.batch import StepBatch
 from forged.engine.llama_cpp.blocks import BlockAllocator, blocks_for
 from forged.engine.llama_cpp.model import LlamaModel
 from forged.engine.llama_cpp.scheduler import Slice, plan_step
@@ -168,7 +169,7 @@ class LlamaCppEngine(Engine):
                               f"({kv_name} KV) for {self.model_path}")
         self._ctx = ctx
         self._mem = ll.llama_get_memory(ctx)
-        self._batch = ll.llama_batch_init(self.levers.max_num_tokens, 0, 1)
+        self._batch = StepBatch(self.levers.max_num_tokens)
         self.allocator = BlockAllocator(kv.num_blocks, kv.tokens_per_block)
         self._free_seq_ids = list(range(sessions - 1, -1, -1))
         self.model = ModelInfo(name=self.model_name, path=str(self.model_path), context_length=context,
@@ -196,23 +197,20 @@ class LlamaCppEngine(Engine):
         tokens = self._llama.tokenize(text, add_special=True, parse_special=False)
         tokens = tokens[: min(len(tokens), self.levers.max_num_tokens, self.model.context_length // 2, 512)]
         batch, n = self._batch, len(tokens)
-        for i, tok in enumerate(tokens):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, i, 1, 0
-            batch.seq_id[i][0] = 0
-        batch.logits[n - 1] = 1
-        batch.n_tokens = n
+        batch.clear()
+        batch.add(tokens, 0, 0, want_last_logits=True)
         for timed in (False, True):  # the first pass pays for page faults; time the second
             ll.llama_memory_seq_rm(self._mem, 0, -1, -1)
             started = time.monotonic()
-            if ll.llama_decode(self._ctx, batch) != 0:
+            if ll.llama_decode(self._ctx, batch.ready()) != 0:
                 raise EngineError("the warm-up step failed in llama_decode")
             if timed:
                 self._prefill_rate.add(n, time.monotonic() - started)
         for step in range(4):
-            batch.token[0], batch.pos[0], batch.logits[0] = tokens[step], n + step, 1
-            batch.n_tokens = 1
+            batch.clear()
+            batch.add(tokens[step:step + 1], n + step, 0, want_last_logits=True)
             started = time.monotonic()
-            if ll.llama_decode(self._ctx, batch) != 0:
+            if ll.llama_decode(self._ctx, batch.ready()) != 0:
                 raise EngineError("the warm-up step failed in llama_decode")
             self._decode_rate.add(1, time.monotonic() - started)
         ll.llama_memory_seq_rm(self._mem, 0, -1, -1)
@@ -228,9 +226,7 @@ class LlamaCppEngine(Engine):
         self._post("stop", None)
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
-        if self._batch is not None:
-            ll.llama_batch_free(self._batch)
-            self._batch = None
+        self._batch = None  # numpy-owned; never llama_batch_free'd
         if self._ctx:
             ll.llama_free(self._ctx)
             self._ctx = None
@@ -413,31 +409,24 @@ class LlamaCppEngine(Engine):
         if not plan:
             return
         batch = self._batch
-        n = 0
+        batch.clear()
         sample_at: list[tuple[Sequence, int]] = []
         n_prefill = n_decode = 0
         for sl in plan:
             seq: Sequence = sl.seq  # type: ignore[assignment]
             if sl.is_decode:
-                tokens = [seq.pending_token]
+                last = batch.add((seq.pending_token,), seq.n_past, seq.seq_id, want_last_logits=True)
                 n_decode += 1
-            else:
-                tokens = seq.to_prefill[seq.prefilled: seq.prefilled + sl.n_tokens]
-                n_prefill += len(tokens)
-            last_needs_logits = sl.is_decode or seq.prefilled + sl.n_tokens == len(seq.to_prefill)
-            for j, tok in enumerate(tokens):
-                batch.token[n] = tok
-                batch.pos[n] = seq.n_past + j
-                batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = seq.seq_id
-                batch.logits[n] = 0
-                n += 1
-            if last_needs_logits:
-                batch.logits[n - 1] = 1
-                sample_at.append((seq, n - 1))
-        batch.n_tokens = n
+                sample_at.append((seq, last))
+                continue
+            chunk = seq.to_prefill[seq.prefilled: seq.prefilled + sl.n_tokens]
+            completes = seq.prefilled + sl.n_tokens == len(seq.to_prefill)
+            last = batch.add(chunk, seq.n_past, seq.seq_id, want_last_logits=completes)
+            n_prefill += len(chunk)
+            if completes:
+                sample_at.append((seq, last))
         started = time.monotonic()
-        rc = ll.llama_decode(self._ctx, batch)
+        rc = ll.llama_decode(self._ctx, batch.ready())
         elapsed = time.monotonic() - started
         if rc != 0:
             # Only the sequences in this batch are affected; libllama rolled their cells back.
