@@ -15,8 +15,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from forged.engine.base import GenerationRequest, TokenEvent
-from forged.engine.llama_cpp.runner import LlamaCppEngine
+from forged.engine.base import Engine, GenerationRequest, TokenEvent
 from forged.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -60,7 +59,7 @@ class Limits:
 
 
 class Admission:
-    def __init__(self, engine: LlamaCppEngine, limits: Limits, metrics: Metrics) -> None:
+    def __init__(self, engine: Engine, limits: Limits, metrics: Metrics) -> None:
         self.engine = engine
         self.limits = limits
         self.metrics = metrics
@@ -185,13 +184,22 @@ class Admission:
         return max(ahead / rate, wait_for_session) + len(request.prompt_tokens) / rate
 
     def _drain_rate(self) -> float:
-        """Sessions finished per second over the last DRAIN_WINDOW_S. Before two have finished,
-        the oldest running session's age stands in for one session's duration; 0 when idle."""
+        """Sessions finished per second over the last DRAIN_WINDOW_S. Before two have finished, it is
+        estimated from the running sessions' expected durations (or, before the engine has measured
+        its rates, from the oldest session's age); 0 when idle."""
         now = time.monotonic()
         while self._completions and now - self._completions[0] > DRAIN_WINDOW_S:
             self._completions.popleft()
         if len(self._completions) >= 2:
             return len(self._completions) / max(now - self._completions[0], 1e-3)
+        stats = self.engine.stats()
+        if self.sessions and stats.prefill_tokens_per_s > 0 and stats.decode_tokens_per_s > 0:
+            # Nothing finished yet: expect each session to last its prompt's prefill plus its
+            # max_tokens at this engine's per-sequence decode rate.
+            per_sequence = stats.decode_tokens_per_s / max(stats.running, 1)
+            mean = sum(len(t.request.prompt_tokens) / stats.prefill_tokens_per_s
+                       + t.request.sampling.max_tokens / per_sequence for t in self.sessions.values())
+            return len(self.sessions) ** 2 / max(mean, 1e-3)
         if self.sessions:
             oldest = min(t.started or now for t in self.sessions.values())
             return len(self.sessions) / max(now - oldest, 1.0)

@@ -134,6 +134,10 @@ class LlamaCppOptions:
     n_threads: int = field(0, lo=0, hi=1024)
     n_gpu_layers: int = field(0, lo=-1, hi=10_000)
     n_ubatch: int = field(512, lo=1, hi=65536)
+    # true: one KV pool shared by every session (blocks on demand, preemption; attention scans the
+    # whole pool, cheap for short contexts). false: a full-context stream per session (attention
+    # sees only its own cells, the fast choice for many long contexts; memory = sessions x context).
+    kv_unified: bool = True
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,9 @@ class Profile:
     # How `profile: auto` picks this profile; none: only a pin selects it.
     match: tuple[MatchRule, ...] = ()
     engine: Literal["llama_cpp", "tensorrt_llm"] = "llama_cpp"
+    # engine tensorrt_llm where the tensorrt_llm package is not installed: false refuses to start
+    # (one line saying how to install it), true runs llama_cpp instead and says so (docs/engines.md).
+    engine_fallback: bool = False
     tensorrt_llm: EngineLevers = field(default_factory=EngineLevers)
     inference: InferenceLimits = field(default_factory=InferenceLimits)
     thresholds: Thresholds = field(default_factory=Thresholds)

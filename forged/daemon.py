@@ -21,11 +21,9 @@ from forged import hardware as hardware_mod
 from forged import paths, profiles, sanity
 from forged.admission import Admission, Limits
 from forged.api.app import build_app, make_runner, open_listeners
-from forged.engine.base import EngineError, EngineHooks
-from forged.engine.llama_cpp.model import check_gguf
-from forged.engine.llama_cpp.runner import LlamaCppEngine
+from forged.engine import create_engine
+from forged.engine.base import Engine, EngineError, EngineHooks
 from forged.metrics import Metrics
-from forged.models import resolve_model
 from forged.schema import ConfigError
 from forged.state import ServiceState
 from forged.systemd import Notifier, inherited_sockets, run_watchdog, watchdog_interval
@@ -55,16 +53,17 @@ class Daemon:
         selection = profiles.select(loaded, hardware)
         log.info("hardware: %s %s, %d cores, %.1f GiB; profile %s (%s)", hardware.kind, hardware.name,
                  hardware.cores, hardware.memory_total_bytes / 2**30, selection.name, selection.reason)
-        model_path, model_name = resolve_model(loaded.settings.model, paths.state_dir())
-        check_gguf(model_path)  # fail before opening listeners: one line naming the file
-        engine = LlamaCppEngine(selection.profile, model_path, model_name,
-                                memory_available=lambda: _available(hardware))
+        # The profile's engine, its model file checked: fails before opening listeners, in one line.
+        choice = create_engine(loaded, selection.name, selection.profile, hardware, paths.state_dir(),
+                               memory_available=lambda: _available(hardware))
+        engine = choice.engine
+        model_name = engine.model_name
         # The metrics read live state at scrape time; `state` exists before any scrape can happen.
         metrics = Metrics(lambda: state.live())
         state = ServiceState(config=loaded, profile_name=selection.name, profile=selection.profile,
                              hardware=hardware, engine=engine, metrics=metrics,
-                             test_hooks=os.environ.get("FORGED_TEST_HOOKS") == "1")
-        state.metrics.set_info(sku=selection.name, engine=selection.profile.engine, model=model_name,
+                             test_hooks=os.environ.get("FORGED_TEST_HOOKS") == "1", engine_note=choice.note)
+        state.metrics.set_info(sku=selection.name, engine=engine.name, model=model_name,
                                profile=selection.name)
         self.state = state
         if state.test_hooks:
@@ -82,14 +81,19 @@ class Daemon:
             socket_path = Path(loaded.settings.listen.unix.path or paths.run_dir() / "forged.sock")
             opened = await open_listeners(runner, loaded.settings, socket_path, inherited)
             log.info("listening on %s", ", ".join(opened))
+            # Read before the load: the engine's KV cache then takes its share of what is free.
+            memory_before = hardware_mod.device_memory(hardware)
             await self._load(engine)
-            assert engine.kv_shape is not None
-            memory = sanity.check(selection.profile, hardware_mod.device_memory(hardware), engine.kv_shape)
-            state.memory_warning = memory.warning
-            if memory.warning:
-                log.warning("%s", memory.warning)
-            state.admission = Admission(engine, _limits(selection.profile, memory.sessions_enforced),
-                                        state.metrics)
+            sessions = None
+            if engine.kv_shape is not None:
+                memory = sanity.check(selection.profile, memory_before, engine.kv_shape, engine=engine.name)
+                state.memory_warning = memory.warning
+                if memory.warning:
+                    log.warning("%s", memory.warning)
+                sessions = memory.sessions_enforced
+            if engine.max_sessions is not None:
+                sessions = min(sessions or engine.max_sessions, engine.max_sessions)
+            state.admission = Admission(engine, _limits(selection.profile, sessions), state.metrics)
             engine.start(loop, EngineHooks(on_preempted=state.admission.on_preempted,
                                            on_capacity_freed=state.admission.on_capacity_freed,
                                            on_fatal=self._on_fatal))
@@ -112,9 +116,9 @@ class Daemon:
                 socket_path.unlink(missing_ok=True)
         return self._exit_code
 
-    async def _load(self, engine: LlamaCppEngine) -> None:
+    async def _load(self, engine: Engine) -> None:
         started = time.monotonic()
-        self.notifier.send(f"STATUS=loading model {engine.model_path.name}")
+        self.notifier.send(f"STATUS=loading model {Path(engine.model.path).name} ({engine.name})")
         load = asyncio.get_running_loop().run_in_executor(None, self._load_blocking, engine)
         while True:
             self.notifier.extend_timeout(LOAD_EXTEND_S)
@@ -126,7 +130,7 @@ class Daemon:
                 log.info("stop requested while the model loads; finishing the load first")
         log.info("model loaded in %.2f s", time.monotonic() - started)
 
-    def _load_blocking(self, engine: LlamaCppEngine) -> None:
+    def _load_blocking(self, engine: Engine) -> None:
         assert self.state is not None
         delay = float(os.environ.get("FORGED_TEST_LOAD_DELAY_S", "0")) if self.state.test_hooks else 0.0
         if delay:  # test hook: a slow model load, to observe the loading phase
@@ -137,7 +141,8 @@ class Daemon:
         state = self.state
         assert state is not None and state.admission is not None
         timeout = state.config.settings.server.drain_timeout_s
-        state.phase = "draining"
+        if state.phase != "failed":  # a failed engine stays "failed" (readyz says why) until the exit
+            state.phase = "draining"
         state.admission.start_draining()
         busy = len(state.admission.sessions) + len(state.admission.queue)
         self.notifier.stopping(f"draining {busy} requests (up to {timeout:.0f} s)")
@@ -178,7 +183,8 @@ class Daemon:
             ("model", state.config.settings.model, loaded.settings.model),
         ) if old_v != new_v]
         # Sessions above n_seq_max cannot exist in this context; that part waits for a restart.
-        sessions = min(new.inference.max_concurrent_sessions, state.profile.inference.max_concurrent_sessions)
+        sessions = min(new.inference.max_concurrent_sessions, state.profile.inference.max_concurrent_sessions,
+                       state.engine.max_sessions or new.inference.max_concurrent_sessions)
         if new.inference.max_concurrent_sessions > sessions:
             pending.append("inference.max_concurrent_sessions above the engine's n_seq_max")
         state.profile = _live_profile(state.profile, new, sessions)

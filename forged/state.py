@@ -8,7 +8,7 @@ from typing import Literal
 
 from forged.admission import Admission
 from forged.config import LoadedConfig, Profile
-from forged.engine.llama_cpp.runner import LlamaCppEngine
+from forged.engine.base import Engine
 from forged.hardware import HardwareInfo, device_memory
 from forged.metrics import LiveState, Metrics
 
@@ -21,7 +21,7 @@ class ServiceState:
     profile_name: str
     profile: Profile
     hardware: HardwareInfo
-    engine: LlamaCppEngine
+    engine: Engine
     metrics: Metrics
     admission: Admission | None = None
     phase: Phase = "loading"
@@ -33,6 +33,8 @@ class ServiceState:
     memory_warning: str | None = None
     # Config changes a reload could not apply live (they need a restart).
     pending_restart: list[str] = field(default_factory=list)
+    # Set when the engine running is not the one the profile names (engine_fallback), and why.
+    engine_note: str | None = None
 
     @property
     def ready(self) -> bool:

@@ -107,7 +107,7 @@ def _build_request(state: ServiceState, parsed: ParsedRequest, kind: Kind) -> Ge
         text = engine.render_chat(parsed.messages)
         tokens = engine.tokenize(text, add_special=False, parse_special=True)
     elif isinstance(parsed.prompt, str):
-        tokens = engine.tokenize(parsed.prompt, add_special=engine.add_bos, parse_special=True)
+        tokens = engine.tokenize_prompt(parsed.prompt)
     else:
         assert parsed.prompt is not None
         tokens = list(parsed.prompt)
@@ -163,6 +163,16 @@ def _usage(ticket: Ticket, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt + completion_tokens}
 
 
+def _engine_error(event: TokenEvent) -> web.Response:
+    """An engine's error event as an HTTP answer: its own status (400 refused as asked, 503 failed,
+    retry may work) with the engine's real message, else 500."""
+    if event.status == 400:
+        return error_response(400, str(event.error), "invalid_request")
+    if event.status == 503:
+        return error_response(503, str(event.error), "engine_error", retry_after=5)
+    return error_response(500, f"generation failed: {event.error}", "engine_error")
+
+
 def _outcome(event: TokenEvent) -> str:
     return {"stop": "completed", "length": "completed", "error": "failed"}.get(event.finish_reason or "",
                                                                                "cancelled")
@@ -183,7 +193,7 @@ async def _collect(request: web.Request, state: ServiceState, ticket: Ticket, pa
     timing.finish()
     outcome = _outcome(event)
     if event.finish_reason == "error":
-        return error_response(500, f"generation failed: {event.error}", "engine_error"), outcome
+        return _engine_error(event), outcome
     if event.finish_reason == "cancelled":
         return error_response(503, "the request was cancelled because forged is shutting down",
                               "shutting_down"), outcome
@@ -205,6 +215,11 @@ async def _collect(request: web.Request, state: ServiceState, ticket: Ticket, pa
 async def _stream(request: web.Request, state: ServiceState, ticket: Ticket, parsed: ParsedRequest,
                   kind: Kind, received: float) -> tuple[web.StreamResponse, str]:
     timing = _Timing(state, request.app[WINDOW], received, ticket)
+    # An engine that refused the request while it was submitted has already said so: answer with its
+    # status rather than a 200 stream that carries only an error.
+    first = None if ticket.events.empty() else ticket.events.get_nowait()
+    if first is not None and first.finish_reason == "error" and first.status is not None:
+        return _engine_error(first), _outcome(first)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)
@@ -228,10 +243,14 @@ async def _stream(request: web.Request, state: ServiceState, ticket: Ticket, par
     if kind == "chat":
         await response.write(chunk(None, None, role=True))
     while True:
-        event = await ticket.events.get()
+        if first is not None:
+            event, first = first, None
+        else:
+            event = await ticket.events.get()
         timing.on_event(event)
         if event.finish_reason in ("error", "cancelled"):
-            message = (f"generation failed: {event.error}" if event.finish_reason == "error"
+            message = ((str(event.error) if event.status else f"generation failed: {event.error}")
+                       if event.finish_reason == "error"
                        else "the request was cancelled because forged is shutting down")
             await response.write(sse_error(message, "engine_error" if event.finish_reason == "error"
                                            else "shutting_down"))

@@ -50,8 +50,11 @@ def status_document(state: ServiceState) -> dict[str, Any]:
         "uptime_s": round(time.monotonic() - state.started_monotonic, 3),
         "hardware": {**to_plain(hw), "memory_used_bytes": live.memory_used_bytes if live else None},
         "profile": {"name": state.profile_name, **to_plain(state.profile)},
-        "engine": {"name": state.profile.engine, "steps": stats.steps, "open_sequences": stats.open_sequences,
+        "engine": {"name": state.engine.name, "profile_engine": state.profile.engine,
+                   "fallback": state.engine_note, "steps": stats.steps, "open_sequences": stats.open_sequences,
                    "running": stats.running, "preemptions": stats.preemptions,
+                   "waiting": stats.waiting, "paused": stats.paused,
+                   "device_memory_used_bytes": stats.device_memory_used_bytes,
                    "prefill_tokens_per_s": round(stats.prefill_tokens_per_s, 1),
                    "decode_tokens_per_s": round(stats.decode_tokens_per_s, 1)},
         "model": {"id": state.model_id, "path": state.engine.model.path,
@@ -96,8 +99,14 @@ async def test_fault(request: web.Request) -> web.Response:
     """Test hook, registered only with FORGED_TEST_HOOKS=1 (docs/reliability.md): stall the engine."""
     body = await request.json()
     state = request.app[STATE]
-    if body.get("kind") != "hang":
-        return web.json_response({"error": {"message": "kind must be hang", "type": "invalid_request_error",
+    def json_error(message: str) -> web.Response:
+        return web.json_response({"error": {"message": message, "type": "invalid_request_error",
                                             "param": "kind", "code": None}}, status=400)
-    state.engine.inject_hang(float(body.get("seconds", 10)))
+
+    if body.get("kind") != "hang":
+        return json_error("kind must be hang")
+    try:
+        state.engine.inject_hang(float(body.get("seconds", 10)))
+    except NotImplementedError as exc:
+        return json_error(str(exc))
     return web.json_response({"injected": "hang", "seconds": float(body.get("seconds", 10))})

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from forged.engine.kv import KvShape
+
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
@@ -52,6 +54,10 @@ class TokenEvent:
     token_ids: tuple[int, ...] = ()
     finish_reason: FinishReason | None = None
     error: str | None = None
+    # For an error event: the HTTP status the API answers with when nothing has been sent yet
+    # (400: the engine refused the request as asked; 503: the engine failed it, a retry may work).
+    # None: 500.
+    status: int | None = None
 
 
 @dataclass
@@ -68,6 +74,10 @@ class EngineStats:
     kv_cells_used: int = 0  # cells the running sequences really occupy (<= blocks_used x tokens_per_block)
     kv_cache_bytes: int = 0  # what the engine allocated for the KV cache
     prefill_backlog_tokens: int = 0  # prompt tokens of running sessions not yet prefilled
+    # Engines with their own scheduler (TensorRT-LLM) report what waits and what is paused inside it.
+    waiting: int = 0
+    paused: int = 0
+    device_memory_used_bytes: int | None = None  # what the engine itself says it uses on the device
 
     @property
     def kv_blocks_free(self) -> int:
@@ -105,7 +115,15 @@ class Engine(abc.ABC):
     """Base of every engine. Methods not marked async are safe to call from the event loop and
     must not block it."""
 
+    # Which engine this is: "llama_cpp" or "tensorrt_llm" (metrics, /v1/status).
+    name: str
+    # The id clients see in /v1/models and send as "model".
+    model_name: str
     model: ModelInfo
+    # The model's KV shape once loaded (None when it cannot be known), for the memory sanity check.
+    kv_shape: KvShape | None = None
+    # Sessions the loaded engine can hold at once (its sequence slots); None: no limit of its own.
+    max_sessions: int | None = None
 
     @abc.abstractmethod
     def load(self) -> None:
@@ -122,9 +140,17 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]: ...
 
+    def tokenize_prompt(self, text: str) -> list[int]:
+        """A completion prompt as the model expects it: with the special tokens (BOS) the model adds."""
+        return self.tokenize(text, add_special=True, parse_special=True)
+
     @abc.abstractmethod
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         """Apply the model's own chat template. Raises RequestRejected for messages it refuses."""
+
+    @abc.abstractmethod
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise RequestRejected (HTTP 400) for a request this engine can never run as asked."""
 
     @abc.abstractmethod
     def blocks_needed(self, request: GenerationRequest, *, resume_tokens: int = 0) -> int:
@@ -132,7 +158,9 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def try_reserve(self, request_id: str, blocks: int) -> bool:
-        """Reserve KV blocks for a request about to become a session. Thread-safe."""
+        """Reserve KV blocks for a request about to become a session. Thread-safe. An engine whose
+        own scheduler owns the KV cache (TensorRT-LLM) always says yes; the session and queue guards
+        still apply."""
 
     @abc.abstractmethod
     def submit(self, request: GenerationRequest, events: asyncio.Queue[TokenEvent]) -> None:
@@ -152,3 +180,7 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def effective_config(self) -> dict[str, Any]:
         """The configuration exactly as handed to the engine, with the profile section it came from."""
+
+    def inject_hang(self, seconds: float) -> None:
+        """Test hook (FORGED_TEST_HOOKS=1 only): stall the step loop. Engines without one refuse."""
+        raise NotImplementedError(f"the {self.name} engine has no hang hook")

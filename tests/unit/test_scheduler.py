@@ -59,3 +59,11 @@ def test_allocator_reserves_grows_and_refuses() -> None:
 def test_allocator_rejects_nonsense() -> None:
     with pytest.raises(ValueError):
         BlockAllocator(0, 32)
+
+
+def test_release_to_hands_the_blocks_over_atomically() -> None:
+    alloc = BlockAllocator(num_blocks=4, tokens_per_block=32)
+    assert alloc.try_reserve("old", 2) and alloc.try_reserve("young", 2)
+    assert not alloc.ensure_tokens("old", 65)  # old needs a third block; none free
+    assert alloc.release_to("young", "old", 65) == 2
+    assert alloc.owned("old") == 3 and alloc.owned("young") == 0 and alloc.free == 1

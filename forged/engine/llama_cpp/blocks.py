@@ -52,6 +52,18 @@ class BlockAllocator:
         """Grow `owner` so that it covers `tokens` cells (max_utilization's on-demand growth)."""
         return self.try_reserve(owner, blocks_for(tokens, self.tokens_per_block))
 
+    def release_to(self, owner: str, beneficiary: str, tokens: int) -> int:
+        """Free `owner`'s blocks and, in the same breath, grow `beneficiary` to cover `tokens`, so
+        that no reservation made meanwhile on another thread can take the blocks in between."""
+        with self._lock:
+            n = self._owned.pop(owner, 0)
+            self._used -= n
+            want = blocks_for(tokens, self.tokens_per_block) - self._owned.get(beneficiary, 0)
+            if 0 < want <= self.num_blocks - self._used:
+                self._owned[beneficiary] = self._owned.get(beneficiary, 0) + want
+                self._used += want
+            return n
+
     def release(self, owner: str) -> int:
         with self._lock:
             n = self._owned.pop(owner, 0)

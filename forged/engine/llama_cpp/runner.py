@@ -91,6 +91,8 @@ class _Rate:
 
 
 class LlamaCppEngine(Engine):
+    name = "llama_cpp"
+
     def __init__(self, profile: Profile, model_path: Path, model_name: str,
                  memory_available: Callable[[], int]) -> None:
         self.profile = profile
@@ -140,7 +142,7 @@ class LlamaCppEngine(Engine):
         try:
             self.kv = size_kv_cache(self.kv_shape, self.levers,
                                     sessions=sessions, context=context, n_ubatch=n_ubatch,
-                                    available_bytes=available_before)
+                                    available_bytes=available_before, unified=opts.kv_unified)
         except EngineError:
             model.free()
             raise
@@ -151,12 +153,12 @@ class LlamaCppEngine(Engine):
         params.n_ctx = kv.n_ctx
         params.n_batch = self.levers.max_num_tokens
         params.n_ubatch = n_ubatch
-        params.n_seq_max = sessions
+        params.n_seq_max = kv.sessions
         params.n_threads = threads
         params.n_threads_batch = threads
         params.type_k = kv_type
         params.type_v = kv_type
-        params.kv_unified = True
+        params.kv_unified = opts.kv_unified
         params.swa_full = False
         params.no_perf = True
         # A quantized V cache needs flash attention in libllama.
@@ -171,15 +173,16 @@ class LlamaCppEngine(Engine):
         self._mem = ll.llama_get_memory(ctx)
         self._batch = StepBatch(self.levers.max_num_tokens)
         self.allocator = BlockAllocator(kv.num_blocks, kv.tokens_per_block)
-        self._free_seq_ids = list(range(sessions - 1, -1, -1))
+        self._free_seq_ids = list(range(kv.sessions - 1, -1, -1))
+        self.max_sessions = kv.sessions
         self.model = ModelInfo(name=self.model_name, path=str(self.model_path), context_length=context,
                                n_params=model.n_params, size_bytes=model.size_bytes,
                                metadata={k: v for k, v in model.metadata.items()
                                          if k.startswith("general.") or k.endswith("context_length")})
         self._context_params = {
             "n_ctx": kv.n_ctx, "n_batch": params.n_batch, "n_ubatch": params.n_ubatch,
-            "n_seq_max": sessions, "n_threads": threads, "type_k": kv_name, "type_v": kv_name,
-            "kv_unified": True, "swa_full": False, "flash_attn_type": int(params.flash_attn_type),
+            "n_seq_max": kv.sessions, "n_threads": threads, "type_k": kv_name, "type_v": kv_name,
+            "kv_unified": opts.kv_unified, "swa_full": False, "flash_attn_type": int(params.flash_attn_type),
             "n_gpu_layers": opts.n_gpu_layers,
         }
         self._warm_up()
@@ -246,6 +249,9 @@ class LlamaCppEngine(Engine):
     @property
     def add_bos(self) -> bool:
         return bool(self._llama and self._llama.add_bos)
+
+    def tokenize_prompt(self, text: str) -> list[int]:
+        return self.tokenize(text, add_special=self.add_bos, parse_special=True)
 
     def validate(self, request: GenerationRequest) -> None:
         """Refuse what this engine can never run, with both numbers named."""
@@ -402,10 +408,7 @@ class LlamaCppEngine(Engine):
             self._call_loop(self._hooks.on_capacity_freed)
 
     def _step(self) -> None:
-        decoding = [s for s in self._running if s.pending_token is not None]
-        prefilling = [s for s in self._running if s.pending_token is None and s.prefill_remaining > 0]
-        plan = plan_step(decoding, prefilling, self.levers.max_num_tokens, self.levers.enable_chunked_context)
-        plan = self._secure_blocks(plan)
+        plan = self._secure_blocks(self._replan())
         if not plan:
             return
         batch = self._batch
@@ -473,30 +476,41 @@ class LlamaCppEngine(Engine):
         """
         assert self.allocator is not None
         while True:
-            short = None
+            short, needed = None, 0
             for sl in plan:
                 seq: Sequence = sl.seq  # type: ignore[assignment]
                 if not self.allocator.ensure_tokens(seq.request_id, seq.n_past + sl.n_tokens):
-                    short = seq
+                    short, needed = seq, seq.n_past + sl.n_tokens
                     break
             if short is None:
                 return plan
             if len(self._running) == 1:
+                if self._commands:
+                    # Blocks are reserved for requests whose submit is still queued: start them, so
+                    # that the youngest can be preempted like any other.
+                    self._drain_commands(block=False)
+                    plan = self._replan()
+                    continue
                 # Alone and still short: the cache is smaller than one context. Never loop on it.
                 self._finish(short, TokenEvent("", finish_reason="error",
                                                error="the KV cache cannot hold this request"))
                 return []
             victim = max(self._running, key=lambda s: s.arrival)
-            self._preempt(victim)
-            decoding = [s for s in self._running if s.pending_token is not None]
-            prefilling = [s for s in self._running if s.pending_token is None and s.prefill_remaining > 0]
-            plan = plan_step(decoding, prefilling, self.levers.max_num_tokens,
-                             self.levers.enable_chunked_context)
+            self._preempt(victim, beneficiary=short, tokens=needed)
+            plan = self._replan()
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _replan(self) -> list[Slice]:
+        decoding = [s for s in self._running if s.pending_token is not None]
+        prefilling = [s for s in self._running if s.pending_token is None and s.prefill_remaining > 0]
+        return plan_step(decoding, prefilling, self.levers.max_num_tokens, self.levers.enable_chunked_context)
+
+    def _preempt(self, seq: Sequence, beneficiary: Sequence, tokens: int) -> None:
         self._preemptions += 1
         log.info("preempting request %s (%d tokens generated) to free KV blocks",
                  seq.request_id, len(seq.generated))
+        assert self.allocator is not None
+        # Hand the blocks straight to the sequence that needs them, then free the rest of the victim.
+        self.allocator.release_to(seq.request_id, beneficiary.request_id, tokens)
         self._release(seq, keep_sampler=True, notify=False)
         self._parked[seq.request_id] = seq
         self._call_loop(self._hooks.on_preempted, seq.request_id)
@@ -568,6 +582,7 @@ class KvSizing:
     cache_bytes: float  # what libllama allocates for this cache: full layers plus the sliding-window part
     budget_bytes: float
     limited_by: str
+    sessions: int  # n_seq_max: the sequences the context can hold at once
 
     @property
     def n_ctx(self) -> int:
@@ -575,36 +590,54 @@ class KvSizing:
 
 
 def size_kv_cache(shape: KvShape, levers: Any, *, sessions: int, context: int, n_ubatch: int,
-                  available_bytes: int) -> KvSizing:
-    """How many KV blocks one unified libllama cache gets.
+                  available_bytes: int, unified: bool = True) -> KvSizing:
+    """How many KV blocks the libllama cache gets, and how many sequences it holds.
 
     The budget is `free_gpu_memory_fraction` of the device memory left once the weights are in
-    (MemAvailable on CPU and unified-memory machines). The sliding-window layers' cache is a fixed
-    size (libllama: window x sequences + one ubatch), so it comes off the budget first; the rest
-    buys cells of the full-attention layers. More blocks than every session at a full context, or
-    than `kv_cache_max_tokens`, would never be used, so those cap it too.
+    (MemAvailable on CPU and unified-memory machines). Sliding-window layers keep a fixed-size cache
+    (libllama: window x sequences + one ubatch), which comes off the budget first.
+
+    Unified: one pool; the rest of the budget buys blocks of full-attention cells, capped by every
+    session at a full context (more would never be used) and by `kv_cache_max_tokens`. Less than one
+    full context refuses to start. Not unified: each sequence owns a stream of one full context, so
+    the budget decides how many sequences (sessions) fit.
     """
     tpb = levers.tokens_per_block
+    context_blocks = blocks_for(context, tpb)
     cell_bytes = shape.elements_per_token_per_layer() * LLAMA_CPP_DTYPE_BYTES[levers.kv_cache_dtype]
-    swa_cells = 0
-    if shape.swa_layers:
-        swa_cells = min(-(-(shape.sliding_window * sessions + n_ubatch) // 256) * 256,
-                        sessions * blocks_for(context, tpb) * tpb)
-    swa_bytes = shape.swa_layers * swa_cells * cell_bytes
     budget = levers.free_gpu_memory_fraction * max(available_bytes - shape.weights_bytes, 0)
-    caps = {"every session at a full context": sessions * blocks_for(context, tpb)}
+
+    def swa_bytes(n_seq: int) -> float:
+        if not shape.swa_layers:
+            return 0.0
+        cells = min(-(-(shape.sliding_window * n_seq + n_ubatch) // 256) * 256, n_seq * context_blocks * tpb)
+        return shape.swa_layers * cells * cell_bytes
+
+    if not unified:
+        stream = shape.full_layers * context_blocks * tpb * cell_bytes + swa_bytes(1)
+        caps = {"max_concurrent_sessions": sessions,
+                "free_gpu_memory_fraction of free memory": int(budget // stream) if stream else sessions}
+        if levers.kv_cache_max_tokens:
+            caps["kv_cache_max_tokens"] = levers.kv_cache_max_tokens // (context_blocks * tpb)
+        limited_by, fit = min(caps.items(), key=lambda kv: kv[1])
+        if fit < 1:
+            raise EngineError(f"one session's KV stream of {context} tokens does not fit ({limited_by}); lower "
+                              f"inference.max_seq_len or give the KV cache more memory")
+        return KvSizing(fit * context_blocks, tpb, shape.full_layers * fit * context_blocks * tpb * cell_bytes
+                        + swa_bytes(fit), budget, limited_by, fit)
+    caps = {"every session at a full context": sessions * context_blocks}
     if shape.full_layers:
-        caps["free_gpu_memory_fraction of free memory"] = int(max(budget - swa_bytes, 0)
+        caps["free_gpu_memory_fraction of free memory"] = int(max(budget - swa_bytes(sessions), 0)
                                                               // (shape.full_layers * cell_bytes * tpb))
     if levers.kv_cache_max_tokens:
         caps["kv_cache_max_tokens"] = levers.kv_cache_max_tokens // tpb
     limited_by, num_blocks = min(caps.items(), key=lambda kv: kv[1])
-    if num_blocks < blocks_for(context, tpb):
+    if num_blocks < context_blocks:
         raise EngineError(f"the KV cache can hold {num_blocks * tpb} tokens ({limited_by}), less than one "
                           f"context of {context} tokens; lower inference.max_seq_len or give the KV cache "
                           f"more memory")
-    cache = shape.full_layers * num_blocks * tpb * cell_bytes + swa_bytes
-    return KvSizing(num_blocks, tpb, cache, budget, limited_by)
+    cache = shape.full_layers * num_blocks * tpb * cell_bytes + swa_bytes(sessions)
+    return KvSizing(num_blocks, tpb, cache, budget, limited_by, sessions)
 
 
 def _put_all(deliveries: list[tuple[asyncio.Queue[TokenEvent], TokenEvent]]) -> None:
