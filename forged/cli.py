@@ -85,11 +85,17 @@ def forgectl_main(argv: list[str] | None = None) -> int:
     from forged import modelctl, plan
     modelctl.add_parser(sub)
     plan.add_parser(sub)
+    from forged.ctl import bench, diagnose, doctor
+    bench.add_parser(sub)
+    doctor.add_parser(sub)
+    diagnose.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "model":
         return modelctl.main(args)
     if args.command == "plan":
         return plan.main(args, as_json=args.json)
+    if args.command in ("bench", "doctor", "diagnose"):
+        return {"bench": bench.main, "doctor": doctor.main, "diagnose": diagnose.main}[args.command](args)
     socket_path = args.socket or str(paths.run_dir() / "forged.sock")
     try:
         status = _get(args.url, socket_path, "/v1/status")
@@ -103,11 +109,21 @@ def forgectl_main(argv: list[str] | None = None) -> int:
         return 0
     kv = status["kv_cache"]
     print(f"forged {status['phase']}  profile {status['profile']['name']}  up {status['uptime_s']:.0f} s")
-    print(f"hardware  {status['hardware']['kind']}: {status['hardware']['name']}")
+    hw = status["hardware"]
+    cc = f", compute capability {hw['compute_capability']}" if hw.get("compute_capability") else ""
+    print(f"hardware  {hw['kind']}: {hw['name']} ({hw['memory_total_bytes'] / 2**30:.1f} GiB{cc})")
     print(f"model     {status['model']['id']} (context {status['model']['context_length']})")
+    levers = status["profile"]["tensorrt_llm"]
+    print(f"engine    {status['engine']['name']}: KV {kv['dtype']}, {kv['policy']}, "
+          f"chunked context {'on' if levers['enable_chunked_context'] else 'off'} "
+          f"(max_num_tokens {levers['max_num_tokens']})")
     print(f"sessions  {status['sessions']['active']}/{status['sessions']['max']}   "
           f"queue {status['queue']['depth']}/{status['queue']['max']}   "
           f"KV blocks {kv['blocks_used']}/{kv['blocks_total']} used")
+    for warning in filter(None, [status["sessions"].get("memory_warning"), status["engine"].get("fallback")]):
+        print(f"WARNING   {warning}")
+    if status.get("pending_restart"):
+        print(f"pending   needs a restart: {', '.join(status['pending_restart'])}")
     for name, check in targets["targets"].items():
         mark = {True: "met", False: "UNMET", None: "no data"}[check["met"]]
         live = "-" if check["live"] is None else f"{check['live']:.1f}"
@@ -116,7 +132,16 @@ def forgectl_main(argv: list[str] | None = None) -> int:
 
 
 def _entry(fn: Any) -> None:
-    sys.exit(fn())
+    try:
+        code = fn()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`forgectl status | head`): not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
 
 
 def forged_entry() -> None:
