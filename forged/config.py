@@ -243,6 +243,14 @@ def _check_settings(settings: Settings, src: Located) -> None:
     if not 0 <= value <= 0o777:
         raise ConfigError(f"{src.where('listen.unix.mode')}: listen.unix.mode: expected an octal "
                           f"permission string such as \"0660\", got {mode!r}")
+    group = settings.listen.unix.group
+    if group is not None:
+        import grp
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise ConfigError(f"{src.where('listen.unix.group')}: listen.unix.group: expected an existing group, "
+                              f"got {group!r}") from None
     if not settings.listen.http.enabled and not settings.listen.unix.enabled:
         raise ConfigError(f"{src.where('listen')}: listen: at least one of http and unix must be enabled")
 
@@ -258,6 +266,12 @@ def _check_profile(name: str, profile: Profile, src: Located) -> None:
         raise ConfigError(f"{src.where(base + '.max_num_tokens')}: {base}.max_num_tokens: expected more "
                           f"than max_concurrent_sessions ({profile.inference.max_concurrent_sessions}), "
                           f"so that every running session can decode each step, got {levers.max_num_tokens}")
+    if levers.scheduler_policy == "max_utilization" and not levers.enable_chunked_context \
+            and profile.engine == "llama_cpp":
+        key = f"{base}.enable_chunked_context"
+        raise ConfigError(f"{src.where(key)}: {key}: expected true with scheduler_policy max_utilization on "
+                          f"llama_cpp: a preempted session resumes by recomputing its prompt and its answer, "
+                          f"which can be longer than max_num_tokens, so it must be prefilled in chunks")
 
 
 def _check_match(name: str, profile: Profile, src: Located) -> None:

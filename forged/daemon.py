@@ -45,6 +45,9 @@ class Daemon:
         self._stop = asyncio.Event()
         self._exit_code = EXIT_OK
         self._tasks: list[asyncio.Task[None]] = []
+        # The most sessions this engine can run: its sequence slots and what fits in memory, fixed at
+        # load. A reload moves the limit below it, never above (that needs a restart).
+        self._session_cap: int | None = None
 
     async def run(self) -> int:
         loaded = config_mod.load(self.config_dir)
@@ -75,11 +78,14 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
 
         runner = make_runner(build_app(state))
+        socket_path = Path(loaded.settings.listen.unix.path or paths.run_dir() / "forged.sock")
+        bound_socket: Path | None = None
         await runner.setup()
         inherited = inherited_sockets()
         try:
-            socket_path = Path(loaded.settings.listen.unix.path or paths.run_dir() / "forged.sock")
             opened = await open_listeners(runner, loaded.settings, socket_path, inherited)
+            if not inherited and loaded.settings.listen.unix.enabled:
+                bound_socket = socket_path
             log.info("listening on %s", ", ".join(opened))
             # Read before the load: the engine's KV cache then takes its share of what is free.
             memory_before = hardware_mod.device_memory(hardware)
@@ -93,6 +99,7 @@ class Daemon:
                 sessions = memory.sessions_enforced
             if engine.max_sessions is not None:
                 sessions = min(sessions or engine.max_sessions, engine.max_sessions)
+            self._session_cap = sessions
             state.admission = Admission(engine, _limits(selection.profile, sessions), state.metrics)
             engine.start(loop, EngineHooks(on_preempted=state.admission.on_preempted,
                                            on_capacity_freed=state.admission.on_capacity_freed,
@@ -111,9 +118,10 @@ class Daemon:
                 task.cancel()
             await runner.cleanup()
             await engine.stop()
-            # A socket passed by systemd belongs to forged.socket and must outlive this process.
-            if not inherited and (not loaded.settings.listen.unix.path or socket_path.parent == paths.run_dir()):
-                socket_path.unlink(missing_ok=True)
+            # Only what this process bound: a socket passed by systemd belongs to forged.socket, and
+            # one that failed to bind may belong to another running instance.
+            if bound_socket is not None:
+                bound_socket.unlink(missing_ok=True)
         return self._exit_code
 
     async def _load(self, engine: Engine) -> None:
@@ -183,10 +191,10 @@ class Daemon:
             ("model", state.config.settings.model, loaded.settings.model),
         ) if old_v != new_v]
         # Sessions above n_seq_max cannot exist in this context; that part waits for a restart.
-        sessions = min(new.inference.max_concurrent_sessions, state.profile.inference.max_concurrent_sessions,
-                       state.engine.max_sessions or new.inference.max_concurrent_sessions)
-        if new.inference.max_concurrent_sessions > sessions:
-            pending.append("inference.max_concurrent_sessions above the engine's n_seq_max")
+        cap = self._session_cap or new.inference.max_concurrent_sessions
+        sessions = min(new.inference.max_concurrent_sessions, cap)
+        if new.inference.max_concurrent_sessions > cap:
+            pending.append(f"inference.max_concurrent_sessions above the {cap} this engine was started with")
         state.profile = _live_profile(state.profile, new, sessions)
         state.admission.set_limits(_limits(new, sessions))
         if selection.name != state.profile_name:
@@ -203,6 +211,10 @@ class Daemon:
         if self.state is not None:
             self.state.phase = "failed"
             self.state.failure = reason
+            if self.state.admission is not None:
+                # Nobody will run what is queued: answer it now rather than at the drain timeout.
+                self.state.admission.start_draining()
+                self.state.admission.cancel_all()
         self._exit_code = EXIT_FAILURE
         self._stop.set()
 

@@ -86,9 +86,11 @@ class Metrics:
             "forge_ttft_prediction_error_seconds", "How far admission's TTFT prediction was from the "
             "measured TTFT (absolute), per admitted request.", buckets=PREDICTION_BUCKETS,
             registry=registry)
-        self.requests = Counter("forge_requests", "Generation requests by outcome. admitted = completed + "
-                                "cancelled + failed.", ["outcome"], registry=registry)
-        self.rejections = Counter("forge_rejections", "Requests refused, by reason.", ["reason"],
+        self.requests = Counter("forge_requests", "Generation requests by outcome: rejected (refused before "
+                                "admission), or, once admitted, completed, cancelled or failed.", ["outcome"],
+                                registry=registry)
+        self.rejections = Counter("forge_rejections", "Generation requests refused, by reason (invalid_request: "
+                                  "any 4xx for a client's mistake).", ["reason"],
                                   registry=registry)
         self.preemptions = Counter("forge_preemptions", "Sessions preempted to free KV blocks.",
                                    registry=registry)

@@ -1,4 +1,4 @@
-"""Does the chosen profile fit this machine's memory? The boot-time check of issue 4 §3.
+"""Does the chosen profile fit this machine's memory? Checked once the model is loaded.
 
 weights + max_concurrent_sessions x one context of KV must fit in the budget the engine will use:
 the weights, plus `free_gpu_memory_fraction` of what is available once they are in (MemAvailable on
@@ -7,11 +7,9 @@ The KV bytes come from the model's real shape (`forged.engine.kv`). When the ses
 forged still starts, but says so (log and STATUS=) and enforces the number that does fit, so that
 memory never runs out silently.
 
-Hook for the daemon, once the model file is resolved and before the engine loads:
-
-    check = sanity.check(selection.profile, hardware_mod.device_memory(hardware), kv.shape_from_path(model_path))
-    if check.warning: log.warning(...); keep check.warning for STATUS=
-    sessions = check.sessions_enforced   # the admission limit (and n_seq_max) instead of the profile's
+The daemon calls it after the load with the memory read before the load and the engine's KV
+shape, logs the warning, shows it in STATUS= and /v1/status, and makes `sessions_enforced` the
+admission limit.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Every config file forged reads goes through `load_yaml` + `build`, so that an unknown key, a wrong
 type or an out-of-range value is reported the same way everywhere, as one line an operator can act
-on: ``/etc/forged/forged.yaml:12: listen.http.port: expected an integer in 1..65535, got 70000``.
+on: ``/etc/forged/forged.yaml:12: listen.http.port: expected an integer in 0..65535, got 70000``.
 """
 
 from __future__ import annotations

@@ -37,10 +37,6 @@ class ServiceState:
     engine_note: str | None = None
 
     @property
-    def ready(self) -> bool:
-        return self.phase == "ready"
-
-    @property
     def model_id(self) -> str:
         return self.engine.model_name
 

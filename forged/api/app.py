@@ -5,6 +5,7 @@ The same application is served on every listener: TCP on loopback and a UNIX soc
 
 from __future__ import annotations
 
+import errno
 import grp
 import inspect
 import logging
@@ -90,6 +91,8 @@ async def open_listeners(runner: web.AppRunner, settings: Settings, socket_path:
     if unix.enabled:
         socket_path.parent.mkdir(parents=True, exist_ok=True)
         if socket_path.is_socket():
+            if _socket_in_use(socket_path):
+                raise OSError(errno.EADDRINUSE, f"{socket_path} is in use by another process")
             socket_path.unlink()  # stale, from a previous run that did not exit cleanly
         await web.UnixSite(runner, str(socket_path)).start()
         os.chmod(socket_path, int(unix.mode, 8))
@@ -97,6 +100,15 @@ async def open_listeners(runner: web.AppRunner, settings: Settings, socket_path:
             os.chown(socket_path, -1, grp.getgrnam(unix.group).gr_gid)
         opened.append(f"unix:{socket_path}")
     return opened
+
+
+def _socket_in_use(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+        return True
 
 
 def _bound_port(site: web.TCPSite, configured: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -49,6 +50,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except BadRequest as exc:
         return error_response(400, exc.message, "invalid_request", param=exc.param)
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise  # the client went away: nothing to answer, nothing to log
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

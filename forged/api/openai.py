@@ -71,8 +71,13 @@ async def _wait_until_ready(state: ServiceState) -> web.Response | None:
 async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
     state = request.app[STATE]
     received = request["received"]
-    parsed = (parse_completion if kind == "completion" else parse_chat)(await _read_json(request))
+    try:
+        parsed = (parse_completion if kind == "completion" else parse_chat)(await _read_json(request))
+    except (BadRequest, web.HTTPRequestEntityTooLarge):
+        state.metrics.reject("invalid_request")  # the middleware turns it into the error object
+        raise
     if parsed.model is not None and parsed.model != state.model_id:
+        state.metrics.reject("invalid_request")
         return error_response(404, f"model {parsed.model!r} does not exist; this daemon serves "
                                    f"{state.model_id!r}", "model_not_found", param="model")
     not_ready = await _wait_until_ready(state)
@@ -84,8 +89,7 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
         state.engine.validate(generation)
     except RequestRejected as exc:
         state.metrics.reject("invalid_request")
-        code = "context_length_exceeded" if "context" in str(exc) else "invalid_request"
-        return error_response(400, str(exc), code)
+        return error_response(400, str(exc), exc.code)
     try:
         ticket = await state.admission.admit(generation)
     except Refused as exc:

@@ -96,7 +96,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def test_fault(request: web.Request) -> web.Response:
-    """Test hook, registered only with FORGED_TEST_HOOKS=1 (docs/reliability.md): stall the engine."""
+    """Test hook, registered only with FORGED_TEST_HOOKS=1 (docs/architecture.md, Test hooks): stall the engine."""
     body = await request.json()
     state = request.app[STATE]
     def json_error(message: str) -> web.Response:

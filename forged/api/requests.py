@@ -3,7 +3,7 @@
 Policy on fields (docs/api.md): fields of the OpenAI API that forged implements are honoured;
 OpenAI fields it does not implement are accepted only at their neutral value (`n: 1`,
 `logprobs: null`, ...) and refused otherwise, so a client never silently gets less than it asked
-for; anything else is refused with 400 naming the field. Two widely used extensions are accepted:
+for; anything else is refused with 400 naming the field. Three widely used extensions are accepted:
 `top_k`, `ignore_eos` and `return_token_ids` (as in vLLM and llama-server).
 """
 

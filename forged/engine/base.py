@@ -26,6 +26,10 @@ class EngineError(Exception):
 class RequestRejected(Exception):
     """A request the engine can never run as asked (too long, bad parameters). Maps to HTTP 400."""
 
+    def __init__(self, message: str, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.code = code
+
 
 @dataclass(frozen=True)
 class SamplingParams:

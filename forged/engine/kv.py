@@ -22,7 +22,6 @@ from typing import Any
 # fp8 is q8_0: blocks of 32 int8 values plus one fp16 scale, 34 bytes per 32 elements.
 DTYPE_BYTES: dict[str, float] = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0}
 LLAMA_CPP_DTYPE_BYTES: dict[str, float] = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 34 / 32}
-LLAMA_CPP_DTYPE_NAME = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "fp8": "q8_0"}
 
 # Architectures whose GGUF does not carry the sliding-window layer pattern: llama.cpp hard-codes it
 # (one full-attention layer every N layers; the others slide).

@@ -55,9 +55,7 @@ class LlamaModel:
         self.ptr = model
         self.vocab = ll.llama_model_get_vocab(model)
         self.n_ctx_train = ll.llama_model_n_ctx_train(model)
-        self.n_layer = ll.llama_model_n_layer(model)
-        self.n_head_kv = ll.llama_model_n_head_kv(model)
-        self.n_swa = ll.llama_model_n_swa(model)
+        self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
         self.n_params = ll.llama_model_n_params(model)
         self.size_bytes = ll.llama_model_size(model)
         self.add_bos = bool(ll.llama_vocab_get_add_bos(self.vocab))

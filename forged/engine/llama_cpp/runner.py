@@ -1,6 +1,7 @@
 """The embedded engine: continuous batching over libllama, one step loop in its own thread.
 
-Many sequences share one `llama_context` with a unified KV cache. Each step is one `llama_batch`
+Many sequences share one `llama_context` (one KV pool, or one stream per session with
+`kv_unified: false`). Each step is one `llama_batch`
 that holds one decode token for every sequence past its prefill, then prefill chunks (see
 `scheduler.plan_step`). The asyncio side never touches libllama: it posts commands (submit,
 cancel) to this thread and receives `TokenEvent`s through `loop.call_soon_threadsafe`.
@@ -261,11 +262,15 @@ class LlamaCppEngine(Engine):
             raise RequestRejected("the prompt is empty")
         if prompt >= context:
             raise RequestRejected(f"the prompt has {prompt} tokens, but this model's context is {context} "
-                                  f"tokens")
+                                  f"tokens", "context_length_exceeded")
         if prompt + request.sampling.max_tokens > context:
             raise RequestRejected(f"the prompt has {prompt} tokens and max_tokens is "
                                   f"{request.sampling.max_tokens}, {prompt + request.sampling.max_tokens} in "
-                                  f"all, but this model's context is {context} tokens")
+                                  f"all, but this model's context is {context} tokens", "context_length_exceeded")
+        assert self._llama is not None
+        bad = next((t for t in request.prompt_tokens if not 0 <= t < self._llama.n_vocab), None)
+        if bad is not None:
+            raise RequestRejected(f"token id {bad} is not in this model's vocabulary (0..{self._llama.n_vocab - 1})")
         if not self.levers.enable_chunked_context and prompt > self.levers.max_num_tokens:
             raise RequestRejected(f"the prompt has {prompt} tokens, more than max_num_tokens "
                                   f"({self.levers.max_num_tokens}), and this profile has chunked context off")
@@ -352,8 +357,10 @@ class LlamaCppEngine(Engine):
                 self._drain_commands(block=not self._running)
                 while time.monotonic() < self._hang_until:
                     time.sleep(0.05)
-                if self._running:
-                    self._step()
+                if self._running and not self._step():
+                    # Nothing could run this step (blocks still reserved for a submit on its way):
+                    # wait for the next command instead of spinning.
+                    self._wake.wait(timeout=0.01)
         except Exception as exc:  # a bug in the loop itself: fail loudly, let systemd restart us
             log.exception("engine step loop died")
             self._fail_all(f"engine failure: {exc}")
@@ -407,10 +414,11 @@ class LlamaCppEngine(Engine):
         if self.allocator.release(request_id):
             self._call_loop(self._hooks.on_capacity_freed)
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One llama_decode over the planned batch. False when nothing could be scheduled."""
         plan = self._secure_blocks(self._replan())
         if not plan:
-            return
+            return False
         batch = self._batch
         batch.clear()
         sample_at: list[tuple[Sequence, int]] = []
@@ -437,7 +445,7 @@ class LlamaCppEngine(Engine):
             log.error("%s for %d sequences", reason, len(plan))
             for sl in plan:
                 self._finish(sl.seq, TokenEvent("", finish_reason="error", error=reason))  # type: ignore[arg-type]
-            return
+            return True
         for sl in plan:
             seq = sl.seq  # type: ignore[assignment]
             if sl.is_decode:
@@ -462,6 +470,7 @@ class LlamaCppEngine(Engine):
             if event.finish_reason is not None:
                 self._release(seq)
         self._deliver(deliveries)
+        return True
 
     def _account(self) -> None:
         self._backlog = sum(s.prefill_remaining for s in self._running)
@@ -491,7 +500,11 @@ class LlamaCppEngine(Engine):
                     self._drain_commands(block=False)
                     plan = self._replan()
                     continue
-                # Alone and still short: the cache is smaller than one context. Never loop on it.
+                if blocks_for(needed, self.allocator.tokens_per_block) <= self.allocator.num_blocks:
+                    # The blocks are reserved for a request admitted a moment ago whose submit has
+                    # not arrived yet: skip this step; it will be preemptable on the next one.
+                    return []
+                # Alone and short even of the whole cache: it can never fit. Never loop on it.
                 self._finish(short, TokenEvent("", finish_reason="error",
                                                error="the KV cache cannot hold this request"))
                 return []
