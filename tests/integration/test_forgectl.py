@@ -118,8 +118,8 @@ def test_bench_reports_against_targets(bench_a: Path, shared_daemon: Daemon) -> 
     assert checks["ttft_p99_ms"]["met"] == (s["ttft_p99_ms"] <= 5000)
     assert checks["rejected_503"]["met"] is True
     # The profile and the engine config travel with the results, for --compare.
-    assert doc["daemon"]["profile"]["tensorrt_llm"]["max_num_tokens"] == 256
-    assert doc["daemon"]["engine_config"]["llama_context_params"]["n_batch"] == 256
+    assert doc["daemon"]["profile"]["tensorrt_llm"]["max_num_tokens"] == 128
+    assert doc["daemon"]["engine_config"]["llama_context_params"]["n_batch"] == 128
 
 
 def test_bench_ttft_agrees_with_the_daemons_histogram(bench_a: Path) -> None:

@@ -41,7 +41,7 @@ def test_sighup_lowers_the_session_limit_without_dropping_streams(make_daemon) -
     status = daemon.status()
     assert status["queue"]["max"] == 6
     assert status["pending_restart"] == ["tensorrt_llm"]
-    assert status["profile"]["tensorrt_llm"]["max_num_tokens"] == 256  # not half-applied
+    assert status["profile"]["tensorrt_llm"]["max_num_tokens"] == 128  # not half-applied
 
     later: list = []
     late_threads = [threading.Thread(target=_stream, args=(daemon, later)) for _ in range(3)]

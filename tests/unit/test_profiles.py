@@ -236,7 +236,7 @@ def test_a_cross_key_error_after_merging_names_the_value_it_checks(layered: tupl
     with pytest.raises(ConfigError) as info:
         config.load(etc, profiles_dir=share)
     packaged = share / "sku_profiles.yaml"
-    assert str(info.value).startswith(f"{packaged}:{line_of(packaged, 'max_num_tokens: 256')}: "
+    assert str(info.value).startswith(f"{packaged}:{line_of(packaged, 'max_num_tokens: 128')}: "
                                       f"profiles.cpu.tensorrt_llm.max_num_tokens: expected a multiple of "
                                       f"tokens_per_block (96)")
 

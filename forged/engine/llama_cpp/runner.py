@@ -129,6 +129,10 @@ class LlamaCppEngine(Engine):
         # Written by the step thread only, read by the event loop: plain ints, atomic under the GIL.
         self._backlog = 0
         self._cells_used = 0
+        # Prompt tokens posted by submit() (event loop) and taken up by the step thread: one writer
+        # each, so their difference is the backlog still in the command queue.
+        self._submitted_tokens = 0
+        self._accepted_tokens = 0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -291,6 +295,9 @@ class LlamaCppEngine(Engine):
         return self.allocator.try_reserve(request_id, blocks)
 
     def submit(self, request: GenerationRequest, events: asyncio.Queue[TokenEvent]) -> None:
+        # Counted here, not when the step thread picks it up: a burst of arrivals must see the
+        # prompts admitted a moment before them (deadline admission reads this).
+        self._submitted_tokens += len(request.prompt_tokens)
         self._post("submit", (request, events))
 
     def cancel(self, request_id: str) -> None:
@@ -310,7 +317,7 @@ class LlamaCppEngine(Engine):
             decode_tokens_per_s=self._decode_rate.value,
             kv_cells_used=self._cells_used,
             kv_cache_bytes=int(self.kv.cache_bytes) if self.kv else 0,
-            prefill_backlog_tokens=self._backlog,
+            prefill_backlog_tokens=self._backlog + self._submitted_tokens - self._accepted_tokens,
         )
 
     def progress(self) -> Progress:
@@ -382,6 +389,7 @@ class LlamaCppEngine(Engine):
                 self._stopping = True
 
     def _start_sequence(self, request: GenerationRequest, events: asyncio.Queue[TokenEvent]) -> None:
+        self._accepted_tokens += len(request.prompt_tokens)
         seq = self._parked.pop(request.request_id, None)
         if seq is None:
             self._arrivals += 1
