@@ -88,6 +88,20 @@ class EngineStats:
         return self.kv_blocks_total - self.kv_blocks_used
 
 
+class Rate:
+    """Exponentially weighted tokens/s, for stats and Retry-After estimates."""
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        self.alpha = alpha
+        self.value = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        if tokens <= 0 or seconds <= 0:
+            return
+        sample = tokens / seconds
+        self.value = sample if self.value == 0 else self.alpha * sample + (1 - self.alpha) * self.value
+
+
 @dataclass
 class Progress:
     """What the watchdog needs: has the step loop moved since work became pending?"""
@@ -157,7 +171,7 @@ class Engine(abc.ABC):
         """Raise RequestRejected (HTTP 400) for a request this engine can never run as asked."""
 
     @abc.abstractmethod
-    def blocks_needed(self, request: GenerationRequest, *, resume_tokens: int = 0) -> int:
+    def blocks_needed(self, request: GenerationRequest) -> int:
         """KV blocks to reserve before `request` may start under the configured policy."""
 
     @abc.abstractmethod

@@ -62,6 +62,7 @@ from forged.engine.base import (
     GenerationRequest,
     ModelInfo,
     Progress,
+    Rate,
     RequestRejected,
     SamplingParams,
     TokenEvent,
@@ -320,16 +321,6 @@ def resolve_checkpoint(settings: ModelSettings, where: Locate | None = None) -> 
 
 # ---------------------------------------------------------------- the engine
 
-class _Rate:
-    def __init__(self, alpha: float = 0.2) -> None:
-        self.alpha, self.value = alpha, 0.0
-
-    def add(self, tokens: int, seconds: float) -> None:
-        if tokens > 0 and seconds > 0:
-            sample = tokens / seconds
-            self.value = sample if self.value == 0 else self.alpha * sample + (1 - self.alpha) * self.value
-
-
 @dataclass(eq=False)
 class _Live:
     request: GenerationRequest
@@ -384,8 +375,8 @@ class TrtLlmEngine(Engine):
         self._gpu_mem: int | None = None
         self._iter = 0
         self._last_step = time.monotonic()
-        self._prefill_rate = _Rate()
-        self._decode_rate = _Rate()
+        self._prefill_rate = Rate()
+        self._decode_rate = Rate()
         self._tpb_warned = False
         self._stats_errors = 0
 
@@ -493,7 +484,7 @@ class TrtLlmEngine(Engine):
             raise RequestRejected(f"the prompt has {prompt} tokens and max_tokens is {request.sampling.max_tokens}, "
                                   f"{total} in all, but the whole KV cache holds {capacity} tokens")
 
-    def blocks_needed(self, request: GenerationRequest, *, resume_tokens: int = 0) -> int:
+    def blocks_needed(self, request: GenerationRequest) -> int:
         # Informational: TensorRT-LLM's own capacity scheduler reserves the blocks.
         tpb = self._kv.tokens_per_block or self.levers.tokens_per_block
         return math.ceil((len(request.prompt_tokens) + request.sampling.max_tokens) / tpb)

@@ -32,6 +32,7 @@ from forged.engine.base import (
     GenerationRequest,
     ModelInfo,
     Progress,
+    Rate,
     RequestRejected,
     TokenEvent,
 )
@@ -77,20 +78,6 @@ class Sequence:
         return len(self.to_prefill) - self.prefilled
 
 
-class _Rate:
-    """Exponentially weighted tokens/s, for stats and Retry-After estimates."""
-
-    def __init__(self, alpha: float = 0.2) -> None:
-        self.alpha = alpha
-        self.value = 0.0
-
-    def add(self, tokens: int, seconds: float) -> None:
-        if tokens <= 0 or seconds <= 0:
-            return
-        sample = tokens / seconds
-        self.value = sample if self.value == 0 else self.alpha * sample + (1 - self.alpha) * self.value
-
-
 class LlamaCppEngine(Engine):
     name = "llama_cpp"
 
@@ -123,8 +110,8 @@ class LlamaCppEngine(Engine):
         self._steps = 0
         self._last_step = time.monotonic()
         self._preemptions = 0
-        self._prefill_rate = _Rate()
-        self._decode_rate = _Rate()
+        self._prefill_rate = Rate()
+        self._decode_rate = Rate()
         self._hang_until = 0.0  # test hook only: see inject_hang
         # Written by the step thread only, read by the event loop: plain ints, atomic under the GIL.
         self._backlog = 0
@@ -279,7 +266,7 @@ class LlamaCppEngine(Engine):
             raise RequestRejected(f"the prompt has {prompt} tokens, more than max_num_tokens "
                                   f"({self.levers.max_num_tokens}), and this profile has chunked context off")
 
-    def blocks_needed(self, request: GenerationRequest, *, resume_tokens: int = 0) -> int:
+    def blocks_needed(self, request: GenerationRequest) -> int:
         parked = self._parked.get(request.request_id)
         prompt = len(request.prompt_tokens) + (len(parked.generated) if parked else 0)
         tpb = self.levers.tokens_per_block
