@@ -21,7 +21,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from forged.schema import ConfigError, Located, load_yaml
+from forged.schema import ConfigError, Located, describe_value, load_yaml
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,29 +48,21 @@ def _parent(path: str) -> str:
     return path.rpartition(".")[0]
 
 
-def _describe(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, (dict, list)):
-        return f"a {type(value).__name__}"
-    return f"{type(value).__name__} {value!r}"
-
-
 def _profiles_of(src: Located) -> dict[str, Any]:
     data = src.data
     if not isinstance(data, dict):
         raise ConfigError(f"{src.source}: (top level): expected a mapping with the key profiles, "
-                          f"got {_describe(data)}")
+                          f"got {describe_value(data)}")
     unknown = sorted(set(data) - {"profiles"})
     if unknown:
         raise ConfigError(f"{src.where(unknown[0])}: {unknown[0]}: unknown key; expected one of: profiles")
     profiles = data.get("profiles") or {}
     if not isinstance(profiles, dict):
-        raise ConfigError(f"{src.where('profiles')}: profiles: expected a mapping, got {_describe(profiles)}")
+        raise ConfigError(f"{src.where('profiles')}: profiles: expected a mapping, got {describe_value(profiles)}")
     for name, body in profiles.items():
         if body is not None and not isinstance(body, dict):
             raise ConfigError(f"{src.where(f'profiles.{name}')}: profiles.{name}: expected a mapping, "
-                              f"got {_describe(body)}")
+                              f"got {describe_value(body)}")
     return profiles
 
 

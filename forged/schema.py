@@ -98,7 +98,7 @@ def build(cls: type, located: Located, data: Any = None, path: str = "") -> Any:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{located.where(path)}: {path or '(top level)'}: expected a mapping, "
-                          f"got {_describe(data)}")
+                          f"got {describe_value(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -130,22 +130,22 @@ def _convert(tp: Any, value: Any, located: Located, key: str, meta: Any) -> Any:
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{located.where(key)}: {key}: expected one of "
-                              f"{', '.join(map(str, args))}, got {_describe(value)}")
+                              f"{', '.join(map(str, args))}, got {describe_value(value)}")
         return value
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{located.where(key)}: {key}: expected a mapping, got {_describe(value)}")
+            raise ConfigError(f"{located.where(key)}: {key}: expected a mapping, got {describe_value(value)}")
         return {k: _convert(args[1], v, located, f"{key}.{k}", meta) for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, list):
-            raise ConfigError(f"{located.where(key)}: {key}: expected a list, got {_describe(value)}")
+            raise ConfigError(f"{located.where(key)}: {key}: expected a list, got {describe_value(value)}")
         items = [_convert(args[0], v, located, f"{key}[{i}]", meta) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if dataclasses.is_dataclass(tp):
         return build(tp, located, value, key)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{located.where(key)}: {key}: expected true or false, got {_describe(value)}")
+            raise ConfigError(f"{located.where(key)}: {key}: expected true or false, got {describe_value(value)}")
         return value
     if tp in (int, float):
         # bool is an int in Python, but `port: yes` is a mistake, not 1.
@@ -153,7 +153,7 @@ def _convert(tp: Any, value: Any, located: Located, key: str, meta: Any) -> Any:
         if isinstance(value, bool) or not ok:
             what = "an integer" if tp is int else "a number"
             raise ConfigError(f"{located.where(key)}: {key}: expected {what}{_range_text(meta)}, "
-                              f"got {_describe(value)}")
+                              f"got {describe_value(value)}")
         lo, hi = meta.get("lo"), meta.get("hi")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             what = "an integer" if tp is int else "a number"
@@ -162,7 +162,7 @@ def _convert(tp: Any, value: Any, located: Located, key: str, meta: Any) -> Any:
         return tp(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{located.where(key)}: {key}: expected a string, got {_describe(value)}")
+            raise ConfigError(f"{located.where(key)}: {key}: expected a string, got {describe_value(value)}")
         return value
     raise TypeError(f"unsupported schema type {tp!r} at {key}")
 
@@ -178,7 +178,7 @@ def _range_text(meta: Any) -> str:
     return ""
 
 
-def _describe(value: Any) -> str:
+def describe_value(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, (dict, list)):
