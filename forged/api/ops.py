@@ -9,6 +9,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from forged.api.openai import STATE, WINDOW
+from forged.engine.base import EngineError
 from forged.schema import to_plain
 from forged.state import ServiceState
 from forged.targets import evaluate
@@ -107,6 +108,6 @@ async def test_fault(request: web.Request) -> web.Response:
         return json_error("kind must be hang")
     try:
         state.engine.inject_hang(float(body.get("seconds", 10)))
-    except NotImplementedError as exc:
+    except EngineError as exc:
         return json_error(str(exc))
     return web.json_response({"injected": "hang", "seconds": float(body.get("seconds", 10))})

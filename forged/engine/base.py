@@ -201,4 +201,4 @@ class Engine(abc.ABC):
 
     def inject_hang(self, seconds: float) -> None:
         """Test hook (FORGED_TEST_HOOKS=1 only): stall the step loop. Engines without one refuse."""
-        raise NotImplementedError(f"the {self.name} engine has no hang hook")
+        raise EngineError(f"the {self.name} engine has no hang hook")

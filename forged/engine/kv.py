@@ -11,7 +11,6 @@ Face config.json.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 from dataclasses import dataclass
@@ -130,7 +129,7 @@ def read_gguf_metadata(path: Path) -> tuple[dict[str, str], int]:
     """GGUF key/values and the weights' size, through libllama with vocab_only (no weights loaded)."""
     import llama_cpp as ll
 
-    from forged.engine.llama_cpp.model import check_gguf, init_backend
+    from forged.engine.llama_cpp.model import check_gguf, init_backend, read_metadata
 
     init_backend()
     check_gguf(path)
@@ -140,16 +139,7 @@ def read_gguf_metadata(path: Path) -> tuple[dict[str, str], int]:
     if not model:
         raise ValueError(f"{path}: libllama could not read this GGUF")
     try:
-        meta: dict[str, str] = {}
-        buf = ctypes.create_string_buffer(1 << 14)
-        for i in range(ll.llama_model_meta_count(model)):
-            n = ll.llama_model_meta_key_by_index(model, i, buf, len(buf))
-            key = buf.value[:n].decode("utf-8", "replace") if n >= 0 else ""
-            if not key or key.startswith("tokenizer."):
-                continue
-            n = ll.llama_model_meta_val_str_by_index(model, i, buf, len(buf))
-            if n >= 0:
-                meta[key] = buf.value.decode("utf-8", "replace")
+        meta = read_metadata(model, skip_prefix="tokenizer.")
     finally:
         ll.llama_model_free(model)
     # vocab_only leaves the tensors unread; the file size is the weights' size to within the header.

@@ -59,7 +59,7 @@ class LlamaModel:
         self.n_params = ll.llama_model_n_params(model)
         self.size_bytes = ll.llama_model_size(model)
         self.add_bos = bool(ll.llama_vocab_get_add_bos(self.vocab))
-        self.metadata = self._read_metadata()
+        self.metadata = read_metadata(model)
         self._piece_buf = ctypes.create_string_buffer(256)
         self._template = self._compile_template()
 
@@ -67,17 +67,6 @@ class LlamaModel:
         if self.ptr:
             ll.llama_model_free(self.ptr)
             self.ptr = None
-
-    def _read_metadata(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        buf = ctypes.create_string_buffer(1 << 16)
-        for i in range(ll.llama_model_meta_count(self.ptr)):
-            n = ll.llama_model_meta_key_by_index(self.ptr, i, buf, len(buf))
-            key = buf.value[:n].decode("utf-8", "replace") if n >= 0 else ""
-            n = ll.llama_model_meta_val_str_by_index(self.ptr, i, buf, len(buf))
-            if key and n >= 0:
-                out[key] = buf.value[: min(n, len(buf) - 1)].decode("utf-8", "replace")
-        return out
 
     # ------------------------------------------------------------ tokens
 
@@ -176,6 +165,21 @@ def _builtin_template_for(architecture: str) -> str:
 
 def _raise_template_error(message: str) -> None:
     raise jinja2.TemplateError(message)
+
+
+def read_metadata(model: Any, skip_prefix: str | None = None) -> dict[str, str]:
+    """A loaded model's GGUF key/values, as libllama renders them to strings."""
+    out: dict[str, str] = {}
+    buf = ctypes.create_string_buffer(1 << 16)
+    for i in range(ll.llama_model_meta_count(model)):
+        n = ll.llama_model_meta_key_by_index(model, i, buf, len(buf))
+        key = buf.value[:n].decode("utf-8", "replace") if n >= 0 else ""
+        if not key or (skip_prefix and key.startswith(skip_prefix)):
+            continue
+        n = ll.llama_model_meta_val_str_by_index(model, i, buf, len(buf))
+        if n >= 0:
+            out[key] = buf.value[: min(n, len(buf) - 1)].decode("utf-8", "replace")
+    return out
 
 
 GGUF_MAGIC = b"GGUF"
