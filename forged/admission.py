@@ -72,14 +72,18 @@ class Admission:
 
     # ------------------------------------------------------------ request path
 
-    async def admit(self, request: GenerationRequest) -> Ticket:
+    async def admit(self, request: GenerationRequest, received: float | None = None) -> Ticket:
         """Return a ticket whose session has started, or raise Refused. Cancellation while queued
-        (the client left) removes the ticket cleanly."""
+        (the client left) removes the ticket cleanly. `received` (monotonic) is when the request
+        arrived: the TTFT target counts from there, parsing and tokenization included."""
         if self.draining:
             self.metrics.reject("shutting_down")
             raise Refused(503, "shutting_down", "forged is shutting down", retry_after=self._retry_after())
         ticket = Ticket(request=request, arrived=time.monotonic())
-        ticket.predicted_ttft_s = self.predict_ttft(request)
+        predicted = self.predict_ttft(request)
+        if predicted is not None and received is not None:
+            predicted += ticket.arrived - received
+        ticket.predicted_ttft_s = predicted
         deadline = self.limits.ttft_deadline_s
         if deadline is not None and ticket.predicted_ttft_s is not None and ticket.predicted_ttft_s > deadline:
             self.metrics.reject("ttft_target_unmeetable")
@@ -92,6 +96,8 @@ class Admission:
                 raise Refused(503, "queue_full", "Queue full", retry_after=self._retry_after())
             self.queue.append(ticket)
             self._idle.clear()
+        # Admitted from here on: every path out goes through finish(), which counts one outcome.
+        self.metrics.admitted.inc()
         self.metrics.prompt_tokens.inc(len(request.prompt_tokens))
         try:
             await ticket.admitted.wait()

@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from forged import config as config_mod
-from forged import hardware, paths, profiles
+from forged import hardware, profiles
 from forged.schema import ConfigError, to_plain
 
 
@@ -55,30 +55,13 @@ def forged_main(argv: list[str] | None = None) -> int:
 
 # ---------------------------------------------------------------- forgectl
 
-def _get(url: str | None, socket_path: str, route: str) -> Any:
-    import http.client
-    import socket as socket_mod
-
-    if url:
-        from urllib.parse import urlsplit
-        parts = urlsplit(url)
-        conn: http.client.HTTPConnection = http.client.HTTPConnection(parts.hostname or "127.0.0.1",
-                                                                      parts.port or 80, timeout=10)
-    else:
-        conn = http.client.HTTPConnection("localhost", timeout=10)
-        sock = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
-        sock.settimeout(10)
-        sock.connect(socket_path)
-        conn.sock = sock
-    conn.request("GET", route)
-    response = conn.getresponse()
-    return json.loads(response.read())
-
-
 def forgectl_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="forgectl", description="Talk to a running forged.")
     parser.add_argument("--socket", default=None, help="UNIX socket (default: the daemon's run dir)")
     parser.add_argument("--url", default=None, help="use TCP instead, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--api-key-file", default=None,
+                        help="file whose first key is sent over TCP as Authorization: Bearer "
+                        "(default: $FORGED_API_KEY); the UNIX socket needs none")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("status", help="profile, model, sessions, queue, KV and targets at a glance")
@@ -90,19 +73,24 @@ def forgectl_main(argv: list[str] | None = None) -> int:
     doctor.add_parser(sub)
     diagnose.add_parser(sub)
     args = parser.parse_args(argv)
+    from forged.ctl.client import BadAnswer, Client, DaemonUnreachable, read_api_key
+    try:
+        args.api_key = read_api_key(args.api_key_file)
+    except ValueError as exc:
+        print(f"forgectl: {exc}", file=sys.stderr)
+        return 2
     if args.command == "model":
         return modelctl.main(args)
     if args.command == "plan":
         return plan.main(args, as_json=args.json)
     if args.command in ("bench", "doctor", "diagnose"):
         return {"bench": bench.main, "doctor": doctor.main, "diagnose": diagnose.main}[args.command](args)
-    socket_path = args.socket or str(paths.run_dir() / "forged.sock")
+    client = Client.from_args(args)
     try:
-        status = _get(args.url, socket_path, "/v1/status")
-        targets = _get(args.url, socket_path, "/v1/performance/targets")
-    except OSError as exc:
-        where = args.url or socket_path
-        print(f"forgectl: cannot reach forged at {where}: {exc}", file=sys.stderr)
+        status = client.get_json("/v1/status")
+        targets = client.get_json("/v1/performance/targets")
+    except (DaemonUnreachable, BadAnswer) as exc:
+        print(f"forgectl: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps({"status": status, "targets": targets}, indent=2))

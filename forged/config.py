@@ -7,6 +7,7 @@ names the file, the line, the key path and what was expected. The config directo
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,10 @@ class HttpListener:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = field(8000, lo=0, hi=65535)
+    # One key per line (# comments), owned by the service user, mode 0600. Set: every TCP request
+    # but the probes needs `Authorization: Bearer <key>` (forged/api/auth.py). Relative paths are
+    # read from the config dir. Required for a host that is not loopback.
+    api_keys_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,15 @@ class ServerSettings:
     default_max_tokens: int = field(256, lo=1, hi=1_000_000)
     # How long a request that arrives while the model loads is held before it gets 503.
     load_wait_s: float = field(120.0, lo=0, hi=3600)
+    # A request body not fully received this long after its headers gets 408 and the connection
+    # closes: aiohttp itself would wait for a stalled body forever.
+    body_timeout_s: float = field(30.0, lo=0.1, hi=3600)
+    # An idle connection is closed after this: between requests, and (with aiohttp that starts the
+    # timer at connect, docs/api.md Limits) one that never sends a request line.
+    keepalive_timeout_s: float = field(75.0, lo=1, hi=3600)
+    # The request line and each header line; a longer one gets 400 and the connection closes.
+    max_header_bytes: int = field(8190, lo=1024, hi=1024 * 1024)
+    max_headers: int = field(100, lo=16, hi=10_000)
 
 
 @dataclass(frozen=True)
@@ -251,8 +265,24 @@ def _check_settings(settings: Settings, src: Located) -> None:
         except KeyError:
             raise ConfigError(f"{src.where('listen.unix.group')}: listen.unix.group: expected an existing group, "
                               f"got {group!r}") from None
+    http = settings.listen.http
+    if http.enabled and http.api_keys_file is None and not is_loopback(http.host):
+        raise ConfigError(f"{src.where('listen.http.host')}: listen.http.host: expected a loopback address "
+                          f"(127.0.0.1, ::1, localhost) while listen.http.api_keys_file is unset, got "
+                          f"{http.host!r}; to serve beyond loopback set listen.http.api_keys_file "
+                          f"(docs/api.md, Security)")
     if not settings.listen.http.enabled and not settings.listen.unix.enabled:
         raise ConfigError(f"{src.where('listen')}: listen: at least one of http and unix must be enabled")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps TCP on this machine. Any name but localhost may resolve elsewhere."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_profile(name: str, profile: Profile, src: Located) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -20,6 +21,7 @@ from forged import config as config_mod
 from forged import hardware as hardware_mod
 from forged import paths, profiles, sanity
 from forged.admission import Admission, Limits
+from forged.api import auth
 from forged.api.app import build_app, make_runner, open_listeners
 from forged.engine import create_engine
 from forged.engine.base import Engine, EngineError, EngineHooks
@@ -48,10 +50,16 @@ class Daemon:
         # The most sessions this engine can run: its sequence slots and what fits in memory, fixed at
         # load. A reload moves the limit below it, never above (that needs a restart).
         self._session_cap: int | None = None
+        self._api_keys = auth.ApiKeys()
 
     async def run(self) -> int:
         loaded = config_mod.load(self.config_dir)
         logging.getLogger().setLevel(loaded.settings.logging.level.upper())
+        # Checked before anything else starts: a key file others can read is a config error (78).
+        self._api_keys = auth.load_api_keys(loaded.settings.listen.http.api_keys_file, loaded.config_dir)
+        if self._api_keys.configured:
+            log.info("API keys: %d from %s required on TCP", len(self._api_keys), self._api_keys.path)
+        raise_open_files_limit()
         hardware = hardware_mod.probe()
         selection = profiles.select(loaded, hardware)
         log.info("hardware: %s %s, %d cores, %.1f GiB; profile %s (%s)", hardware.kind, hardware.name,
@@ -77,11 +85,12 @@ class Daemon:
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
 
-        runner = make_runner(build_app(state))
+        runner = make_runner(build_app(state, self._api_keys))
         socket_path = Path(loaded.settings.listen.unix.path or paths.run_dir() / "forged.sock")
         bound_socket: Path | None = None
         await runner.setup()
         inherited = inherited_sockets()
+        auth.require_keys_beyond_loopback(inherited.values(), self._api_keys)
         try:
             opened = await open_listeners(runner, loaded.settings, socket_path, inherited)
             if not inherited and loaded.settings.listen.unix.enabled:
@@ -162,9 +171,21 @@ class Daemon:
             await state.admission.wait_idle(5.0)
         # Give handlers a moment to write their final events before the listeners close.
         await asyncio.sleep(0.1)
+        # The counters die with the process: leave them in the journal, where a request admitted
+        # but never ended shows as admitted > completed + cancelled + failed.
+        log.info("requests at exit: %s", ", ".join(f"{k} {v}" for k, v in state.metrics.request_totals().items()))
 
     async def reload(self) -> None:
         """Re-read the config; apply guard and target changes live, report the rest as pending."""
+        # The key file first, whatever else happens: revoking a leaked key must not wait for a
+        # broken forged.yaml to be fixed, nor for the engine to be ready. Same file: rotating keys
+        # needs no restart.
+        if self._api_keys.configured:
+            try:
+                self._api_keys.reload()
+                log.info("reload: API keys: %d from %s", len(self._api_keys), self._api_keys.path)
+            except ConfigError as exc:
+                log.error("reload: keeping the API keys in force: %s", exc)
         state = self.state
         if state is None or state.admission is None or state.phase != "ready":
             log.warning("SIGHUP ignored: not ready")
@@ -189,6 +210,7 @@ class Daemon:
             ("llama_cpp", state.profile.llama_cpp, new.llama_cpp),
             ("engine", state.profile.engine, new.engine),
             ("model", state.config.settings.model, loaded.settings.model),
+            ("listen", state.config.settings.listen, loaded.settings.listen),
         ) if old_v != new_v]
         # Sessions above n_seq_max cannot exist in this context; that part waits for a restart.
         cap = self._session_cap or new.inference.max_concurrent_sessions
@@ -252,6 +274,21 @@ def _live_profile(old: config_mod.Profile, new: config_mod.Profile, sessions: in
     return replace(old, thresholds=new.thresholds, targets=new.targets, admission=new.admission,
                    inference=replace(old.inference, max_concurrent_sessions=sessions),
                    description=new.description)
+
+
+def raise_open_files_limit() -> None:
+    """Every connection is a file descriptor, and the usual soft limit (1024) is far below what an
+    unprivileged process may ask for (the hard limit), so forged takes the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard or soft == resource.RLIM_INFINITY:
+        log.info("open files limit: %s", "unlimited" if soft == resource.RLIM_INFINITY else soft)
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.info("open files limit raised from %d to %s", soft, "unlimited" if hard == resource.RLIM_INFINITY
+                 else hard)
+    except (ValueError, OSError) as exc:
+        log.warning("open files limit stays at %d: raising it to the hard limit failed: %s", soft, exc)
 
 
 def main(config_dir: Path) -> int:

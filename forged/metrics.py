@@ -89,6 +89,9 @@ class Metrics:
         self.requests = Counter("forge_requests", "Generation requests by outcome: rejected (refused before "
                                 "admission), or, once admitted, completed, cancelled or failed.", ["outcome"],
                                 registry=registry)
+        self.admitted = Counter("forge_requests_admitted", "Generation requests admitted (given a session "
+                                "or a queue place). Each ends in exactly one of forge_requests_total's "
+                                "completed, cancelled or failed.", registry=registry)
         self.rejections = Counter("forge_rejections", "Generation requests refused, by reason (invalid_request: "
                                   "any 4xx for a client's mistake).", ["reason"],
                                   registry=registry)
@@ -110,6 +113,13 @@ class Metrics:
     def reject(self, reason: str) -> None:
         self.rejections.labels(reason).inc()
         self.requests.labels("rejected").inc()
+
+    def request_totals(self) -> dict[str, int]:
+        """Admitted requests and every outcome so far."""
+        totals = {"admitted": int(self.registry.get_sample_value("forge_requests_admitted_total") or 0)}
+        for outcome in OUTCOMES:
+            totals[outcome] = int(self.registry.get_sample_value("forge_requests_total", {"outcome": outcome}) or 0)
+        return totals
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,15 +11,18 @@ import inspect
 import logging
 import os
 import socket
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
 
-from forged.api import openai, ops
+from forged.api import openai, openapi, ops, redact
+from forged.api.auth import API_KEYS, ApiKeys, require_api_key
 from forged.api.errors import MAX_BODY, error_middleware
 from forged.config import Settings
+from forged.schema import ConfigError
 from forged.state import ServiceState
 from forged.targets import LatencyWindow
 
@@ -37,6 +40,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/healthz", ops.healthz),
     ("GET", "/readyz", ops.readyz),
     ("GET", "/metrics", ops.metrics),
+    ("GET", "/openapi.json", openapi.openapi_json),
 ]
 TEST_ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/_test/fault", ops.test_fault),
@@ -50,11 +54,14 @@ async def stamp_arrival(request: web.Request, handler: Handler) -> web.StreamRes
     return await handler(request)
 
 
-def build_app(state: ServiceState) -> web.Application:
+def build_app(state: ServiceState, api_keys: ApiKeys | None = None) -> web.Application:
     max_body = state.config.settings.server.max_body_bytes
-    app = web.Application(middlewares=[stamp_arrival, error_middleware], client_max_size=max_body)
+    app = web.Application(middlewares=[stamp_arrival, require_api_key, error_middleware], client_max_size=max_body)
+    app[API_KEYS] = api_keys or ApiKeys()
+    redact.install()
     app[openai.STATE] = state
     app[openai.WINDOW] = LatencyWindow()
+    openai.add_tokenizer_pool(app)
     app[MAX_BODY] = max_body
     routes = ROUTES + (TEST_ROUTES if state.test_hooks else [])
     for method, path, handler in routes:
@@ -63,7 +70,12 @@ def build_app(state: ServiceState) -> web.Application:
 
 
 def make_runner(app: web.Application) -> web.AppRunner:
-    kwargs: dict[str, object] = {"access_log": None}
+    server = app[openai.STATE].config.settings.server
+    # aiohttp's own defaults differ between versions (max_headers 32768 on Debian 12's 3.8, 128 later;
+    # keep-alive 75 s, later 3630 s): forged sets each limit itself (docs/api.md, Limits).
+    kwargs: dict[str, object] = {"access_log": None, "keepalive_timeout": server.keepalive_timeout_s,
+                                 "max_line_size": server.max_header_bytes,
+                                 "max_field_size": server.max_header_bytes, "max_headers": server.max_headers}
     # aiohttp >= 3.9 no longer cancels a handler when its client disconnects unless asked to;
     # forged needs that cancellation to free the session and its KV at once.
     if "handler_cancellation" in inspect.signature(web.AppRunner.__init__).parameters or \
@@ -89,17 +101,61 @@ async def open_listeners(runner: web.AppRunner, settings: Settings, socket_path:
         opened.append(f"http://{http.host}:{_bound_port(site, http.port)}")
     unix = settings.listen.unix
     if unix.enabled:
-        socket_path.parent.mkdir(parents=True, exist_ok=True)
+        socket_path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        gid = grp.getgrnam(unix.group).gr_gid if unix.group else None
+        _check_socket_dir(socket_path.parent, gid)
         if socket_path.is_socket():
             if _socket_in_use(socket_path):
                 raise OSError(errno.EADDRINUSE, f"{socket_path} is in use by another process")
             socket_path.unlink()  # stale, from a previous run that did not exit cleanly
-        await web.UnixSite(runner, str(socket_path)).start()
-        os.chmod(socket_path, int(unix.mode, 8))
-        if unix.group:
-            os.chown(socket_path, -1, grp.getgrnam(unix.group).gr_gid)
+        sock = bind_private_unix_socket(socket_path)
+        try:
+            # Group first, then mode: at no point can anyone outside the final owner and group connect.
+            if gid is not None:
+                os.chown(socket_path, -1, gid)
+            os.chmod(socket_path, int(unix.mode, 8))
+        except OSError:
+            sock.close()
+            raise
+        await web.SockSite(runner, sock).start()
         opened.append(f"unix:{socket_path}")
     return opened
+
+
+def bind_private_unix_socket(path: Path) -> socket.socket:
+    """A UNIX socket bound at `path` with mode 0600, whatever the process umask: nobody but its owner
+    can connect before open_listeners grants the configured mode and group. The umask is
+    process-wide, so it is narrowed only around bind(), which never yields to the event loop."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    previous = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(previous)
+    return sock
+
+
+def _check_socket_dir(directory: Path, gid: int | None) -> None:
+    info = directory.stat()
+    if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
+        raise ConfigError(f"listen.unix.path: {directory} is writable by every user without the sticky bit, so "
+                          f"anyone could replace forged's socket with their own; put the socket in a directory "
+                          f"only forged can write (e.g. /run/forged) or run chmod o-w {directory}")
+    reachable = info.st_mode & stat.S_IXOTH or (info.st_mode & stat.S_IXGRP and info.st_gid == gid)
+    if gid is not None and not reachable:
+        log.warning("listen.unix.group: members of group %s cannot reach the socket: %s is mode %04o, group %s; "
+                    "give that group search permission on the directory (chgrp/chmod g+x)",
+                    _group_name(gid), directory, info.st_mode & 0o777, _group_name(info.st_gid))
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def _socket_in_use(path: Path) -> bool:

@@ -23,8 +23,8 @@ def app_key(name: str, kind: type) -> Any:
 
 MAX_BODY = app_key("max_body_bytes", int)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 431: "invalid_request_error",
-          503: "service_unavailable"}
+          405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+          431: "invalid_request_error", 503: "service_unavailable"}
 
 
 def error_response(status: int, message: str, code: str | None = None, *, param: str | None = None,
@@ -49,7 +49,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except BadRequest as exc:
-        return error_response(400, exc.message, "invalid_request", param=exc.param)
+        response = error_response(exc.status, exc.message, exc.code, param=exc.param)
+        if exc.status == 408:
+            # Answer, then hang up at once: aiohttp would otherwise linger up to 10 s reading the rest
+            # of the body from a client that has shown it will not send it.
+            await response.prepare(request)
+            await response.write_eof()
+            if request.transport is not None:
+                request.transport.close()
+        return response
     except (ConnectionResetError, asyncio.CancelledError):
         raise  # the client went away: nothing to answer, nothing to log
     except web.HTTPException as exc:
@@ -60,7 +68,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                    405: f"method {request.method} is not allowed on {request.path}"}.get(exc.status, exc.reason)
         if exc.status == 413:
             message = f"request body is larger than the limit of {request.app[MAX_BODY]} bytes"
-        return error_response(exc.status, message, code)
+        response = error_response(exc.status, message, code)
+        if exc.status == 413:
+            response.force_close()  # rather than read the rest of an oversized body to keep the connection
+        return response
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal error in forged; see the daemon log", "internal_error")

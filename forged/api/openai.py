@@ -11,13 +11,14 @@ import asyncio
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Literal
 
 from aiohttp import web
 
 from forged.admission import Refused, Ticket
-from forged.api.errors import app_key, error_response, sse_error
+from forged.api.errors import MAX_BODY, app_key, error_response, sse_error
 from forged.api.requests import BadRequest, ParsedRequest, parse_chat, parse_completion
 from forged.engine.base import GenerationRequest, RequestRejected, TokenEvent
 from forged.state import ServiceState
@@ -26,6 +27,18 @@ from forged.targets import LatencyWindow
 Kind = Literal["completion", "chat"]
 STATE = app_key("state", ServiceState)
 WINDOW = app_key("window", LatencyWindow)
+# Tokenizing and validating run here, off the event loop. The pool is joined when the app is cleaned
+# up, before the daemon frees the model: a tokenization still running must not outlive the vocab.
+TOKENIZER_POOL = app_key("tokenizer_pool", ThreadPoolExecutor)
+
+
+def add_tokenizer_pool(app: web.Application) -> None:
+    app[TOKENIZER_POOL] = pool = ThreadPoolExecutor(thread_name_prefix="forged-tokenize")
+
+    async def join(_: web.Application) -> None:
+        pool.shutdown(wait=True)
+
+    app.on_cleanup.append(join)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -45,13 +58,26 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def _read_json(request: web.Request) -> Any:
-    raw = await request.read()
+    max_body = request.app[MAX_BODY]
+    if request.content_length is not None and request.content_length > max_body:
+        # Refused before a byte of it is read: the declared length alone is over the limit.
+        raise web.HTTPRequestEntityTooLarge(max_body, request.content_length)
+    timeout = request.app[STATE].config.settings.server.body_timeout_s
     try:
-        return json.loads(raw)
+        # aiohttp waits for a stalled body forever; this bounds what a slow client can hold.
+        raw = await asyncio.wait_for(request.read(), timeout)
+    except TimeoutError:
+        raise BadRequest(f"the request body was not received within {timeout:g} s", status=408,
+                         code="request_timeout") from None
+    try:
+        # Decoded here, strictly: json.loads would let an encoded surrogate (invalid UTF-8) through.
+        return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise BadRequest("the request body is not valid UTF-8") from None
     except ValueError as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("the request body is nested too deeply") from None
 
 
 async def _wait_until_ready(state: ServiceState) -> web.Response | None:
@@ -85,13 +111,15 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
         return not_ready
     assert state.admission is not None
     try:
-        generation = _build_request(state, parsed, kind)
-        state.engine.validate(generation)
+        # Off the event loop: tokenizing a 20k-token prompt takes tens of milliseconds, and a burst
+        # of them would otherwise hold up every other request (and each other) in turn.
+        generation = await asyncio.get_running_loop().run_in_executor(request.app[TOKENIZER_POOL], _build_request,
+                                                                      state, parsed, kind)
     except RequestRejected as exc:
         state.metrics.reject("invalid_request")
         return error_response(400, str(exc), exc.code)
     try:
-        ticket = await state.admission.admit(generation)
+        ticket = await state.admission.admit(generation, received)
     except Refused as exc:
         return error_response(exc.status, exc.message, exc.code, retry_after=exc.retry_after)
     # Until an answer is complete, the way out is the client leaving (or the write failing).
@@ -100,11 +128,18 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
         send = _stream if parsed.stream else _collect
         response, outcome = await send(request, state, ticket, parsed, kind, received)
         return response
+    except Exception as exc:
+        # A write to a client that left fails with ConnectionResetError: still "cancelled". Anything
+        # else is forged's own failure and must not pass for the client's choice.
+        if not isinstance(exc, ConnectionResetError):
+            outcome = "failed"
+        raise
     finally:
         state.admission.finish(ticket, outcome)
 
 
 def _build_request(state: ServiceState, parsed: ParsedRequest, kind: Kind) -> GenerationRequest:
+    """The engine request: prompt tokens and sampling, validated by the engine (RequestRejected)."""
     engine = state.engine
     if kind == "chat":
         assert parsed.messages is not None
@@ -120,8 +155,10 @@ def _build_request(state: ServiceState, parsed: ParsedRequest, kind: Kind) -> Ge
     if max_tokens is None:
         room = engine.model.context_length - len(tokens)
         max_tokens = max(1, min(state.config.settings.server.default_max_tokens, room))
-    return GenerationRequest(request_id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
-                             prompt_tokens=tokens, sampling=replace(parsed.sampling, max_tokens=max_tokens))
+    generation = GenerationRequest(request_id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
+                                   prompt_tokens=tokens, sampling=replace(parsed.sampling, max_tokens=max_tokens))
+    engine.validate(generation)
+    return generation
 
 
 class _Timing:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -9,19 +10,29 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from forged.api.openai import STATE, WINDOW
-from forged.engine.base import EngineError
+from forged.api.requests import BadRequest
+from forged.engine.base import EngineError, Fault
 from forged.schema import to_plain
 from forged.state import ServiceState
+from forged.systemd import watchdog_interval
 from forged.targets import evaluate
 
 # A step loop with work pending that has not completed a step for this long is stalled.
 STALL_AFTER_S = 30.0
 
 
+def stall_after_s() -> float:
+    """STALL_AFTER_S, or under a systemd watchdog half its ping interval: the watchdog withholds its
+    ping after one interval without a step and systemd restarts forged after two, so /readyz must
+    say so before then."""
+    interval = watchdog_interval()
+    return min(STALL_AFTER_S, interval / 2) if interval else STALL_AFTER_S
+
+
 def engine_stalled(state: ServiceState, now: float | None = None) -> bool:
     progress = state.engine.progress()
     now = time.monotonic() if now is None else now
-    return progress.pending_work and now - progress.last_step_monotonic > STALL_AFTER_S
+    return progress.pending_work and now - progress.last_step_monotonic > stall_after_s()
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -35,7 +46,7 @@ async def readyz(request: web.Request) -> web.Response:
         return web.json_response({"status": state.phase, "reason": state.failure}, status=503)
     if engine_stalled(state):
         return web.json_response({"status": "stalled", "reason": "the engine step loop has made no progress "
-                                  f"for over {STALL_AFTER_S:.0f} s with work pending"}, status=503)
+                                  f"for over {stall_after_s():g} s with work pending"}, status=503)
     return web.json_response({"status": "ready"})
 
 
@@ -97,17 +108,47 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def test_fault(request: web.Request) -> web.Response:
-    """Test hook, registered only with FORGED_TEST_HOOKS=1 (docs/architecture.md, Test hooks): stall the engine."""
-    body = await request.json()
-    state = request.app[STATE]
-    def json_error(message: str) -> web.Response:
-        return web.json_response({"error": {"message": message, "type": "invalid_request_error",
-                                            "param": "kind", "code": None}}, status=400)
-
-    if body.get("kind") != "hang":
-        return json_error("kind must be hang")
+    """Test hook, registered only with FORGED_TEST_HOOKS=1 (docs/architecture.md, Test hooks): arm a
+    fault in the engine's step loop."""
+    fault = parse_fault(await request.read())
     try:
-        state.engine.inject_hang(float(body.get("seconds", 10)))
+        request.app[STATE].engine.inject_fault(fault)
     except EngineError as exc:
-        return json_error(str(exc))
-    return web.json_response({"injected": "hang", "seconds": float(body.get("seconds", 10))})
+        raise BadRequest(str(exc), "kind") from None
+    armed: dict[str, Any] = {name: getattr(fault, name) for name in sorted(FAULT_FIELDS[fault.kind])}
+    if "request_id" in armed and fault.request_id is None:
+        armed["target"] = "the next request the engine starts"
+    return web.json_response({"injected": fault.kind, **armed})
+
+
+# Each fault kind (engine.base.FaultKind) and the Fault fields its body may set.
+FAULT_FIELDS: dict[str, set[str]] = {"hang": {"seconds"}, "sample_error": {"request_id"},
+                                     "decode_error": {"request_id", "status"}}
+
+
+def parse_fault(raw: bytes) -> Fault:
+    """The body of POST /_test/fault (docs/architecture.md, Test hooks); BadRequest names the field."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise BadRequest("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    kind = body.get("kind")
+    if kind not in FAULT_FIELDS:
+        raise BadRequest(f"kind must be one of {', '.join(FAULT_FIELDS)}, got {kind!r}", "kind")
+    unknown = sorted(set(body) - FAULT_FIELDS[kind] - {"kind"})
+    if unknown:
+        raise BadRequest(f"{unknown[0]} is not a field of a {kind} fault", unknown[0])
+    seconds = body.get("seconds", 10.0)
+    if kind == "hang" and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                           or not 0 < seconds <= 86400):
+        raise BadRequest("seconds must be a number above 0 and at most 86400", "seconds")
+    request_id = body.get("request_id")
+    if request_id is not None and (not isinstance(request_id, str) or not request_id):
+        raise BadRequest("request_id must be a non-empty string (the id of a running request)", "request_id")
+    status = body.get("status", -3)
+    if isinstance(status, bool) or not isinstance(status, int) or status == 0 or not -2**31 <= status < 2**31:
+        raise BadRequest("status must be a non-zero 32-bit integer, as llama_decode returns on failure",
+                         "status")
+    return Fault(kind, seconds=float(seconds) if kind == "hang" else 0.0, request_id=request_id, status=status)

@@ -9,6 +9,7 @@ for; anything else is refused with 400 naming the field. Three widely used exten
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,26 +17,51 @@ from forged.engine.base import SamplingParams
 
 
 class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None) -> None:
+    """A request forged refuses; the error middleware answers it with an OpenAI error object."""
+
+    def __init__(self, message: str, param: str | None = None, *, status: int = 400,
+                 code: str = "invalid_request") -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.status = status
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The accepted range of a numeric field; the OpenAPI document (api/openapi.py) reads it too."""
+
+    kind: type[int] | type[float]
+    lo: float | None = None
+    hi: float | None = None
+    lo_exclusive: bool = False
 
 
 MAX_STOP_STRINGS = 4
-
-_COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
-                  "stream_options", "ignore_eos", "return_token_ids", "user"}
-# OpenAI fields forged does not implement, with the values that mean "not used".
-_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (1, None), "presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None),
-    "logit_bias": (None,), "logprobs": (None, False), "top_logprobs": (None,),
-    "best_of": (1, None), "echo": (False, None), "suffix": (None,), "service_tier": (None, "auto"),
-    "parallel_tool_calls": (None,), "tools": (None,), "tool_choice": (None, "none"), "metadata": (None,),
-    "store": (None, False), "response_format": (None,),
+ROLES = ("system", "developer", "user", "assistant")
+NUMBERS: dict[str, Bounds] = {
+    "max_tokens": Bounds(int, lo=1),
+    "max_completion_tokens": Bounds(int, lo=1),
+    "temperature": Bounds(float, 0.0, 2.0),
+    "top_p": Bounds(float, 0.0, 1.0, lo_exclusive=True),
+    "top_k": Bounds(int, lo=0),
+    "seed": Bounds(int, -(2**63), 2**64 - 1),
 }
-_COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt"}
-_CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens"}
+BOOLEANS = ("stream", "ignore_eos", "return_token_ids")
+
+COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
+                           "stream_options", "ignore_eos", "return_token_ids", "user"})
+# OpenAI fields forged does not implement, with the values that mean "not used".
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "n": (1, None), "presence_penalty": (0, None), "frequency_penalty": (0, None),
+    "logit_bias": (None, {}), "logprobs": (None, False), "top_logprobs": (None,),
+    "best_of": (1, None), "echo": (False, None), "suffix": (None,), "service_tier": (None, "auto"),
+    "parallel_tool_calls": (None,), "tools": (None,), "tool_choice": (None, "none"), "metadata": (None, {}),
+    "store": (None, False), "response_format": (None, {"type": "text"}),
+}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
 
 
 @dataclass(frozen=True)
@@ -52,12 +78,15 @@ class ParsedRequest:
 
 def parse_completion(body: Any) -> ParsedRequest:
     body = _object(body)
-    _check_fields(body, _COMPLETION_FIELDS)
+    _check_fields(body, COMPLETION_FIELDS)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, list):
-        if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
+        ids = [_integer(t) for t in prompt]
+        if ids and all(t is not None and t >= 0 for t in ids):
+            prompt = ids
+        else:
             raise BadRequest("prompt must be a string, a list of one string, or a list of token ids "
                              "(batched prompts are not supported)", "prompt")
     elif not isinstance(prompt, str):
@@ -67,7 +96,7 @@ def parse_completion(body: Any) -> ParsedRequest:
 
 def parse_chat(body: Any) -> ParsedRequest:
     body = _object(body)
-    _check_fields(body, _CHAT_FIELDS)
+    _check_fields(body, CHAT_FIELDS)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages is required and must be a non-empty list", "messages")
@@ -76,14 +105,15 @@ def parse_chat(body: Any) -> ParsedRequest:
         if not isinstance(msg, dict):
             raise BadRequest(f"messages[{i}] must be an object", f"messages[{i}]")
         role = msg.get("role")
-        if role not in ("system", "developer", "user", "assistant"):
+        if role not in ROLES:
             raise BadRequest(f"messages[{i}].role must be system, developer, user or assistant",
                              f"messages[{i}].role")
         out.append({"role": "system" if role == "developer" else role,
                     "content": _content_text(msg.get("content"), i)})
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if "max_completion_tokens" in body:
-        body = dict(body, max_tokens=max_tokens)
+    if body.get("max_completion_tokens") is not None:
+        # The newer name wins over the deprecated one, as in OpenAI's API; both must be valid.
+        _numeric(body, "max_tokens", None)
+        body = dict(body, max_tokens=_numeric(body, "max_completion_tokens", None))
     return _common(body, messages=out)
 
 
@@ -108,29 +138,35 @@ def _object(body: Any) -> dict[str, Any]:
     return body
 
 
-def _check_fields(body: dict[str, Any], allowed: set[str]) -> None:
+def _check_fields(body: dict[str, Any], allowed: frozenset[str]) -> None:
     for key, value in body.items():
         if key in allowed:
             continue
-        if key in _NEUTRAL:
-            if value in _NEUTRAL[key] or (key == "response_format" and value == {"type": "text"}) \
-                    or (key in ("logit_bias", "metadata") and value == {}):
+        if key in NEUTRAL:
+            if _is_neutral(value, NEUTRAL[key]):
                 continue
-            raise BadRequest(f"{key} is not supported by forged (only {_NEUTRAL[key][0]!r} is accepted)", key)
+            accepted = " or ".join(json.dumps(v) for v in NEUTRAL[key])
+            raise BadRequest(f"{key} is not supported by forged (only {accepted} is accepted)", key)
         raise BadRequest(f"unknown field {key!r}", key)
+
+
+def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
+    # JSON's true is not 1, though Python's True == 1.
+    return any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in neutral)
 
 
 def _common(body: dict[str, Any], **kw: Any) -> ParsedRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise BadRequest("model must be a string", "model")
-    max_tokens = _int(body, "max_tokens", lo=1, optional=True)
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    if top_p == 0:
-        raise BadRequest("top_p must be greater than 0", "top_p")
-    top_k = _int(body, "top_k", lo=0, default=0)
-    seed = _int(body, "seed", optional=True, lo=-(2**63), hi=2**64 - 1)
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise BadRequest("user must be a string", "user")
+    max_tokens = _numeric(body, "max_tokens", None)
+    temperature = _numeric(body, "temperature", 1.0)
+    top_p = _numeric(body, "top_p", 1.0)
+    top_k = _numeric(body, "top_k", 0)
+    seed = _numeric(body, "seed", None)
     stop = body.get("stop")
     if stop is None:
         stops: tuple[str, ...] = ()
@@ -166,25 +202,30 @@ def _bool(body: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
-def _int(body: dict[str, Any], key: str, *, lo: int | None = None, hi: int | None = None,
-         default: int | None = None, optional: bool = False) -> Any:
+def _numeric(body: dict[str, Any], key: str, default: Any) -> Any:
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"{key} must be an integer", key)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-        raise BadRequest(f"{key} must be {bounds}, got {value}", key)
-    return value
-
-
-def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
-    value = body.get(key)
-    if value is None:
-        return default
+    bounds = NUMBERS[key]
+    if bounds.kind is int:
+        value = _integer(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadRequest(f"{key} must be a number", key)
-    if not lo <= value <= hi:
-        raise BadRequest(f"{key} must be between {lo} and {hi}, got {value}", key)
-    return float(value)
+        raise BadRequest(f"{key} must be {'an integer' if bounds.kind is int else 'a number'}", key)
+    too_low = bounds.lo is not None and (value <= bounds.lo if bounds.lo_exclusive else value < bounds.lo)
+    too_high = bounds.hi is not None and value > bounds.hi
+    if too_low or too_high or value != value:  # value != value: NaN, which json.loads accepts
+        low = "" if bounds.lo is None else f"{'>' if bounds.lo_exclusive else '>='} {_num(bounds.lo)}"
+        high = "" if bounds.hi is None else f"<= {_num(bounds.hi)}"
+        raise BadRequest(f"{key} must be {' and '.join(b for b in (low, high) if b)}, got {value}", key)
+    return bounds.kind(value)
+
+
+def _integer(value: Any) -> int | None:
+    """An integer as JSON means it: 3 or 3.0 (JSON Schema's integer), never true or 3.5."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if value == int(value) else str(value)

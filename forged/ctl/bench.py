@@ -241,7 +241,8 @@ def one_request(client: Client, workload: Workload, prompt: str, result: Result,
     first = last = None
     times: list[float] = []
     try:
-        conn.request("POST", workload.endpoint, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        conn.request("POST", workload.endpoint, body=json.dumps(body),
+                     headers={**client.auth_headers(), "Content-Type": "application/json"})
         response = conn.getresponse()
         result.status = response.status
         if response.status != 200:

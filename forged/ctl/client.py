@@ -1,5 +1,8 @@
 """A small HTTP client for forgectl: the daemon's UNIX socket by default, TCP with --url.
 
+Over TCP it sends the API key (--api-key-file, else $FORGED_API_KEY) as `Authorization: Bearer`;
+the UNIX socket needs none (its file permissions decide who may connect).
+
 Standard library only (http.client), one connection per request, so that it is safe to use from
 many threads at once (`forgectl bench` runs one thread per simulated user).
 """
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,10 +50,15 @@ class Client:
     url: str | None = None
     socket_path: str | None = None
     timeout: float = 10.0
+    api_key: str | None = None
 
     @classmethod
     def from_args(cls, args: Any) -> Client:
-        return cls(getattr(args, "url", None), getattr(args, "socket", None) or default_socket())
+        return cls(getattr(args, "url", None), getattr(args, "socket", None) or default_socket(),
+                   api_key=getattr(args, "api_key", None))
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.url and self.api_key else {}
 
     @property
     def where(self) -> str:
@@ -70,7 +79,9 @@ class Client:
         """One request; returns status, headers (lower-case names) and the whole body."""
         conn = self.connection(timeout)
         try:
-            headers = {"Content-Type": "application/json"} if body is not None else {}
+            headers = self.auth_headers()
+            if body is not None:
+                headers["Content-Type"] = "application/json"
             conn.request(method, route, body=None if body is None else json.dumps(body), headers=headers)
             response = conn.getresponse()
             data = response.read()
@@ -103,6 +114,20 @@ class Client:
             return status, json.loads(data)
         except ValueError:
             raise BadAnswer(f"POST {route}: HTTP {status}, not JSON: {data[:200]!r}") from None
+
+
+def read_api_key(key_file: str | None) -> str | None:
+    """The key forgectl sends over TCP: the first key in `key_file` (the daemon's key-file format),
+    else $FORGED_API_KEY. Raises ValueError with one line saying what is wrong."""
+    if key_file is None:
+        return os.environ.get("FORGED_API_KEY") or None
+    from forged.api.auth import parse_keys
+    from forged.schema import ConfigError
+    try:
+        with open(key_file, encoding="ascii") as f:
+            return parse_keys(f.read(), key_file)[0]
+    except (OSError, UnicodeDecodeError, ConfigError) as exc:
+        raise ValueError(f"--api-key-file {key_file}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def default_socket() -> str:

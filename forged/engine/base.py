@@ -64,6 +64,25 @@ class TokenEvent:
     status: int | None = None
 
 
+FaultKind = Literal["hang", "sample_error", "decode_error"]
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault for the step loop to suffer: test hook only (FORGED_TEST_HOOKS=1, POST /_test/fault).
+
+    hang: the step loop makes no step until `seconds` from now, as a wedged device would.
+    sample_error: sampling the target request raises. decode_error: the next llama_decode whose
+    batch holds a token of the target request reports `status`, as libllama would.
+    The target is `request_id`, or with none the next request the engine starts after arming.
+    """
+
+    kind: FaultKind
+    seconds: float = 0.0
+    request_id: str | None = None
+    status: int = -3  # GGML_STATUS_FAILED: the compute failed after earlier ubatches were kept
+
+
 @dataclass
 class EngineStats:
     kv_blocks_total: int = 0
@@ -199,6 +218,7 @@ class Engine(abc.ABC):
     def effective_config(self) -> dict[str, Any]:
         """The configuration exactly as handed to the engine, with the profile section it came from."""
 
-    def inject_hang(self, seconds: float) -> None:
-        """Test hook (FORGED_TEST_HOOKS=1 only): stall the step loop. Engines without one refuse."""
-        raise EngineError(f"the {self.name} engine has no hang hook")
+    def inject_fault(self, fault: Fault) -> None:
+        """Test hook (FORGED_TEST_HOOKS=1 only): arm `fault` in the step loop. Engines without
+        fault hooks refuse."""
+        raise EngineError(f"the {self.name} engine has no fault hooks")

@@ -47,6 +47,11 @@ def test_sighup_lowers_the_session_limit_without_dropping_streams(make_daemon) -
     late_threads = [threading.Thread(target=_stream, args=(daemon, later)) for _ in range(3)]
     for t in late_threads:
         t.start()
+    # The late three must queue behind the ten (limit 4); sample from the moment they have arrived.
+    deadline = time.monotonic() + 30
+    while daemon.status()["queue"]["depth"] < 3:
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.02)
     samples = []
     while any(t.is_alive() for t in threads + late_threads):
         samples.append(daemon.status())

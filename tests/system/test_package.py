@@ -8,111 +8,13 @@ list) and the model. One run at a time per checkout (build/system.lock).
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import re
-import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from nspawn import Container, quote
-
-REPO = Path(__file__).resolve().parents[2]
-BUILD = REPO / "build"
-WHEELS = Path(os.environ.get("FORGED_WHEEL_CACHE", Path.home() / ".cache" / "forged" / "wheels"))
-TIMINGS: list[tuple[str, float]] = []
-
-
-def timed(label: str, started: float) -> None:
-    TIMINGS.append((label, time.monotonic() - started))
-
-
-def _require_host() -> None:
-    problems = []
-    if os.geteuid() != 0:
-        problems.append("not root (systemd-nspawn and debootstrap need root)")
-    for tool in ("systemd-nspawn", "debootstrap", "nsenter", "dpkg-buildpackage", "dh", "pgrep", "lintian"):
-        if not shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"):
-            problems.append(f"{tool} is missing")
-    if problems:
-        pytest.fail("system tests cannot run on this machine: " + "; ".join(problems)
-                    + " (run scripts/bootstrap.sh --test as root)", pytrace=False)
-
-
-@pytest.fixture(scope="session")
-def system_lock() -> Iterator[None]:
-    BUILD.mkdir(exist_ok=True)
-    with (BUILD / "system.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-@pytest.fixture(scope="session")
-def deb(system_lock: None) -> Path:
-    _require_host()
-    started = time.monotonic()
-    result = subprocess.run([str(REPO / "scripts" / "build-deb.sh"), str(BUILD / "deb")], capture_output=True,
-                            text=True, env=dict(os.environ, FORGED_WHEEL_CACHE=str(WHEELS)))
-    assert result.returncode == 0, f"package build failed:\n{result.stdout}\n{result.stderr}"
-    timed("dpkg-buildpackage", started)
-    return Path(result.stdout.strip().splitlines()[-1])
-
-
-def depends_packages(deb: Path) -> list[str]:
-    """The package names in the .deb's Depends (first alternative, no versions)."""
-    depends = subprocess.run(["dpkg-deb", "-f", str(deb), "Depends"], capture_output=True, text=True,
-                             check=True).stdout
-    names = []
-    for item in depends.split(","):
-        first = item.split("|")[0].strip()
-        name = re.split(r"[\s(:]", first, maxsplit=1)[0]
-        if name:
-            names.append(name)
-    return sorted(set(names))
-
-
-@pytest.fixture(scope="session")
-def rootfs_tarball(deb: Path) -> Path:
-    """Debian 12 with systemd and forged's dependencies, debootstrapped once and cached."""
-    started = time.monotonic()
-    result = subprocess.run([str(REPO / "tests" / "system" / "make-rootfs.sh"), str(BUILD / "rootfs-cache"),
-                             *depends_packages(deb)], capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"debootstrap failed:\n{result.stderr}"
-    timed("rootfs (debootstrap or cache)", started)
-    return Path(result.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def container(rootfs_tarball: Path) -> Iterator[Container]:
-    work = BUILD / "system"
-    root = work / "root"
-    if root.exists():
-        subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=True)
-    root.mkdir(parents=True)
-    started = time.monotonic()
-    subprocess.run(["tar", "-C", str(root), "-xf", str(rootfs_tarball)], check=True)
-    timed("rootfs unpack", started)
-    log = work / "nspawn.log"
-    log.unlink(missing_ok=True)
-    ctr = Container(root, log, name=f"forged-test-{os.getpid()}")
-    started = time.monotonic()
-    try:
-        ctr.boot()
-        timed("container boot", started)
-        yield ctr
-    finally:
-        if ctr.pid1:
-            (work / "journal.txt").write_text(ctr.run("journalctl --no-pager -o short-monotonic",
-                                                      check=False).stdout)
-        ctr.poweroff()
-        (work / "timings.txt").write_text("".join(f"{label}: {secs:.1f} s\n" for label, secs in TIMINGS))
-        if not os.environ.get("FORGED_SYSTEM_KEEP"):
-            subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=False)
-
+from packaged import WHEELS, timed
 
 # ---------------------------------------------------------------------------------------- tests
 # They run in file order against one container and build on each other: install, start, use,

@@ -16,7 +16,7 @@ from forged.engine.base import EngineError, RequestRejected
 log = logging.getLogger(__name__)
 
 _backend_ready = False
-_last_error = ""
+_errors: list[str] = []  # libllama's error lines since the current model load began
 
 
 def init_backend() -> None:
@@ -29,14 +29,13 @@ def init_backend() -> None:
 
 @ll.llama_log_callback
 def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    # libllama narrates every tensor it loads: that goes to debug. Its last error is kept so that a
+    # libllama narrates every tensor it loads: that goes to debug. Its errors are kept so that a
     # failed load can be reported in forged's own one-line message.
-    global _last_error
     msg = text.decode("utf-8", "replace").strip()
     if not msg:
         return
-    if level == 4:  # GGML_LOG_LEVEL_ERROR
-        _last_error = msg
+    if level == 4 and len(_errors) < 8:  # GGML_LOG_LEVEL_ERROR; the first few are the ones that tell
+        _errors.append(msg)
     log.debug("libllama: %s", msg)
 
 
@@ -46,9 +45,12 @@ class LlamaModel:
         check_gguf(path)
         params = ll.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        _errors.clear()
         model = ll.llama_model_load_from_file(str(path).encode(), params)
         if not model:
-            detail = f": {_last_error}" if _last_error else ""
+            # The first error is the cause (a bad header, a tensor past the end of the file); the
+            # ones after it only say that the load failed.
+            detail = f": {_errors[0]}" if _errors else ""
             raise EngineError(f"{path}: libllama could not load this model file (corrupt or unsupported "
                               f"GGUF){detail}")
         self.path = path

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp as ll
+import numpy as np
 
 from forged.config import Profile
 from forged.engine.base import (
@@ -29,6 +30,7 @@ from forged.engine.base import (
     EngineError,
     EngineHooks,
     EngineStats,
+    Fault,
     GenerationRequest,
     ModelInfo,
     Progress,
@@ -39,11 +41,17 @@ from forged.engine.base import (
 from forged.engine.kv import LLAMA_CPP_DTYPE_BYTES, KvShape, shape_from_metadata
 from forged.engine.llama_cpp.batch import StepBatch
 from forged.engine.llama_cpp.blocks import BlockAllocator, blocks_for
+from forged.engine.llama_cpp.faults import FaultInjector
 from forged.engine.llama_cpp.model import LlamaModel
 from forged.engine.llama_cpp.scheduler import Slice, plan_step
 from forged.engine.llama_cpp.text import StopMatcher, StreamDecoder
 
 log = logging.getLogger(__name__)
+
+# The warm-up's timed prefill: a prompt as long as the serving context (attention grows with it),
+# but never more than 16 chunks or about a second, so that READY is not held up on a slow box.
+WARM_UP_MAX_CHUNKS = 16
+WARM_UP_BUDGET_S = 1.0
 
 # The profile names KV dtypes as TensorRT-LLM does; libllama has no fp8, q8_0 is its 1-byte type.
 KV_DTYPE_TO_GGML: dict[str, tuple[str, int]] = {
@@ -68,6 +76,13 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     decoder: StreamDecoder = field(default_factory=StreamDecoder)
     stop: StopMatcher | None = None
+    # When the step holding its first prompt chunk began, and the engine's prefill token count then.
+    prefill_started: float = 0.0
+    prefill_mark: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.request.sampling.temperature <= 0
 
     @property
     def request_id(self) -> str:
@@ -76,6 +91,28 @@ class Sequence:
     @property
     def prefill_remaining(self) -> int:
         return len(self.to_prefill) - self.prefilled
+
+
+class StepCalls:
+    """The libllama calls the step loop makes for each step. Test fault injection (faults.py) wraps
+    this object; nothing else replaces it."""
+
+    def __init__(self, n_vocab: int) -> None:
+        self.n_vocab = n_vocab
+
+    def decode(self, ctx: Any, batch: Any, plan: list[Slice]) -> int:
+        return ll.llama_decode(ctx, batch)
+
+    def sample(self, ctx: Any, seq: Sequence, idx: int) -> int:
+        if seq.greedy:
+            # The argmax straight off the logits row: libllama's greedy sampler first copies the whole
+            # vocabulary (262k entries for Gemma 3) into a candidates array, once per sequence per
+            # step; with 20 streams that copy was a quarter of the decode step on the H200.
+            logits = ll.llama_get_logits_ith(ctx, idx)
+            if not logits:
+                raise EngineError(f"libllama has no logits for batch position {idx}")
+            return int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
+        return ll.llama_sampler_sample(seq.sampler, ctx, idx)
 
 
 class LlamaCppEngine(Engine):
@@ -112,7 +149,8 @@ class LlamaCppEngine(Engine):
         self._preemptions = 0
         self._prefill_rate = Rate()
         self._decode_rate = Rate()
-        self._hang_until = 0.0  # test hook only: see inject_hang
+        self._prefilled_total = 0  # prompt tokens the engine has prefilled, all sequences
+        self._calls: StepCalls | FaultInjector | None = None  # made at load, when n_vocab is known
         # Written by the step thread only, read by the event loop: plain ints, atomic under the GIL.
         self._backlog = 0
         self._cells_used = 0
@@ -164,6 +202,7 @@ class LlamaCppEngine(Engine):
         self._ctx = ctx
         self._mem = ll.llama_get_memory(ctx)
         self._batch = StepBatch(self.levers.max_num_tokens)
+        self._calls = StepCalls(model.n_vocab)
         self.allocator = BlockAllocator(kv.num_blocks, kv.tokens_per_block)
         self._free_seq_ids = list(range(kv.sessions - 1, -1, -1))
         self.max_sessions = kv.sessions
@@ -185,22 +224,38 @@ class LlamaCppEngine(Engine):
                  threads, self._prefill_rate.value, self._decode_rate.value)
 
     def _warm_up(self) -> None:
-        """One short prefill and a few decodes before READY: pages the weights in and seeds the
-        prefill/decode rates that Retry-After and deadline admission start from."""
+        """A prefill and a few decodes before READY: pages the weights in and seeds the prefill and
+        decode rates that Retry-After and deadline admission start from.
+
+        The timed prefill is one long prompt in max_num_tokens chunks (up to the serving context,
+        WARM_UP_MAX_CHUNKS or WARM_UP_BUDGET_S), because a prompt's rate falls as its context grows:
+        timed on one short chunk, or on half the context, the H200 looked 20-40% faster than it is on
+        20k-token prompts, and deadline admission let in requests that then missed the target.
+        """
         assert self._llama is not None
         text = "The quick brown fox jumps over the lazy dog. " * 64
-        tokens = self._llama.tokenize(text, add_special=True, parse_special=False)
-        tokens = tokens[: min(len(tokens), self.levers.max_num_tokens, self.model.context_length // 2, 512)]
-        batch, n = self._batch, len(tokens)
-        batch.clear()
-        batch.add(tokens, 0, 0, want_last_logits=True)
-        for timed in (False, True):  # the first pass pays for page faults; time the second
+        sample = self._llama.tokenize(text, add_special=True, parse_special=False)
+        chunk = min(self.levers.max_num_tokens, self.model.context_length // 2)
+        length = max(chunk, min(self.model.context_length - 8, WARM_UP_MAX_CHUNKS * chunk))
+        tokens = (sample * (length // len(sample) + 1))[:length]
+        batch = self._batch
+
+        def prefill(n_tokens: int) -> int:
             ll.llama_memory_seq_rm(self._mem, 0, -1, -1)
-            started = time.monotonic()
-            if ll.llama_decode(self._ctx, batch.ready()) != 0:
-                raise EngineError("the warm-up step failed in llama_decode")
-            if timed:
-                self._prefill_rate.add(n, time.monotonic() - started)
+            started, done = time.monotonic(), 0
+            while done < n_tokens and (done == 0 or time.monotonic() - started < WARM_UP_BUDGET_S):
+                part = tokens[done: min(done + chunk, n_tokens)]
+                batch.clear()
+                batch.add(part, done, 0, want_last_logits=True)
+                if ll.llama_decode(self._ctx, batch.ready()) != 0:
+                    raise EngineError("the warm-up step failed in llama_decode")
+                done += len(part)
+            self._prefill_rate.add(done, time.monotonic() - started)
+            return done
+
+        prefill(min(chunk, 512))  # pays for page faults and kernel selection; overwritten below
+        self._prefill_rate = Rate()
+        n = prefill(length)
         for step in range(4):
             batch.clear()
             batch.add(tokens[step:step + 1], n + step, 0, want_last_logits=True)
@@ -334,9 +389,14 @@ class LlamaCppEngine(Engine):
             },
         }
 
-    def inject_hang(self, seconds: float) -> None:
-        """Test hook (FORGED_TEST_HOOKS=1 only): make the step loop stall, as a wedged GPU would."""
-        self._hang_until = time.monotonic() + seconds
+    def inject_fault(self, fault: Fault) -> None:
+        """Test hook (FORGED_TEST_HOOKS=1 only): arm `fault` in the step loop's libllama calls."""
+        if self._calls is None:
+            raise EngineError("the engine has not loaded its model yet; arm faults once it is ready")
+        if not isinstance(self._calls, FaultInjector):
+            self._calls = FaultInjector(self._calls)
+        # Read across threads: "the next request to start" is the one after those started so far.
+        self._calls.arm(fault, next_arrival=self._arrivals + 1)
         self._wake.set()
 
     # ------------------------------------------------------------ step thread
@@ -349,8 +409,6 @@ class LlamaCppEngine(Engine):
         try:
             while not self._stopping:
                 self._drain_commands(block=not self._running)
-                while time.monotonic() < self._hang_until:
-                    time.sleep(0.05)
                 if self._running and not self._step():
                     # Nothing could run this step (blocks still reserved for a submit on its way):
                     # wait for the next command instead of spinning.
@@ -432,40 +490,63 @@ class LlamaCppEngine(Engine):
             if completes:
                 sample_at.append((seq, last))
         started = time.monotonic()
-        rc = ll.llama_decode(self._ctx, batch.ready())
-        elapsed = time.monotonic() - started
+        assert self._calls is not None  # made at load, before the step loop starts
+        rc = self._calls.decode(self._ctx, batch.ready(), plan)
+        finished = time.monotonic()
         if rc != 0:
-            # Only the sequences in this batch are affected; libllama rolled their cells back.
-            reason = f"llama_decode failed with status {rc}"
-            log.error("%s for %d sequences", reason, len(plan))
-            for sl in plan:
-                self._finish(sl.seq, TokenEvent("", finish_reason="error", error=reason))  # type: ignore[arg-type]
+            self._fail_batch(plan, rc)
             return True
         for sl in plan:
             seq = sl.seq  # type: ignore[assignment]
             if sl.is_decode:
                 seq.n_past += 1
                 seq.pending_token = None
-            else:
-                seq.prefilled += sl.n_tokens
-                seq.n_past += sl.n_tokens
+                continue
+            if seq.prefilled == 0:
+                seq.prefill_started, seq.prefill_mark = started, self._prefilled_total
+            seq.prefilled += sl.n_tokens
+            seq.n_past += sl.n_tokens
+            if seq.prefill_remaining == 0:
+                # Measured over a prompt's whole prefill, first chunk to last: the rate the prompts
+                # queued behind it will see, with decodes interleaved and attention growing with the
+                # context (a rate per step overstated it early in a long prompt, and deadline
+                # admission over-admitted). The tokens are every prompt's prefilled in that window,
+                # not this one's alone: prompts that share steps share the time.
+                done = self._prefilled_total + n_prefill - seq.prefill_mark
+                self._prefill_rate.add(done, finished - seq.prefill_started)
+        self._prefilled_total += n_prefill
         self._steps += 1
-        self._last_step = time.monotonic()
+        self._last_step = finished
         self._account()
-        if n_prefill and not n_decode:
-            self._prefill_rate.add(n_prefill, elapsed)
-        elif n_decode and not n_prefill:
-            self._decode_rate.add(n_decode, elapsed)
-        elif n_prefill >= 8 * n_decode:
-            self._prefill_rate.add(n_prefill, elapsed)
+        if n_decode and not n_prefill:
+            self._decode_rate.add(n_decode, finished - started)
         deliveries: list[tuple[asyncio.Queue[TokenEvent], TokenEvent]] = []
         for seq, idx in sample_at:
-            event = self._sample(seq, idx)
+            try:
+                event = self._sample(seq, idx)
+            except Exception as exc:  # a fault in one request's sampling ends that request alone
+                log.exception("sampling failed for request %s", seq.request_id)
+                event = TokenEvent("", finish_reason="error", error=f"sampling failed: {exc}")
             deliveries.append((seq.events, event))
             if event.finish_reason is not None:
                 self._release(seq)
         self._deliver(deliveries)
         return True
+
+    def _fail_batch(self, plan: list[Slice], rc: int) -> None:
+        """A failed llama_decode ends the requests whose tokens were in its batch, and only them.
+
+        libllama restores the KV on status 1 and -1 but keeps the ubatches it had processed before
+        an abort (2) or a fatal error (< -1), so what the batch left of these sequences is unknown:
+        all their cells go (`_release`). Retrying would only repeat a batch that failed as it was
+        built; the client can retry (503) and its request then starts afresh.
+        """
+        reason = f"llama_decode failed with status {rc}"
+        failed: list[Sequence] = [sl.seq for sl in plan]  # type: ignore[misc]
+        log.error("%s; failing the %d requests in that batch: %s", reason, len(failed),
+                  ", ".join(seq.request_id for seq in failed))
+        for seq in failed:
+            self._finish(seq, TokenEvent("", finish_reason="error", error=reason, status=503))
 
     def _account(self) -> None:
         self._backlog = sum(s.prefill_remaining for s in self._running)
@@ -524,8 +605,8 @@ class LlamaCppEngine(Engine):
         self._call_loop(self._hooks.on_preempted, seq.request_id)
 
     def _sample(self, seq: Sequence, idx: int) -> TokenEvent:
-        assert self._llama is not None
-        token = ll.llama_sampler_sample(seq.sampler, self._ctx, idx)
+        assert self._llama is not None and self._calls is not None
+        token = self._calls.sample(self._ctx, seq, idx)
         sp = seq.request.sampling
         seq.generated.append(token)
         if not sp.ignore_eos and self._llama.is_eog(token):
@@ -654,13 +735,13 @@ def _put_all(deliveries: list[tuple[asyncio.Queue[TokenEvent], TokenEvent]]) -> 
 
 
 def _make_sampler(request: GenerationRequest) -> Any:
+    """libllama's sampler chain for the request; None for greedy, which StepCalls.sample does itself."""
     sp = request.sampling
+    if sp.temperature <= 0:
+        return None
     params = ll.llama_sampler_chain_default_params()
     params.no_perf = True
     chain = ll.llama_sampler_chain_init(params)
-    if sp.temperature <= 0:
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
-        return chain
     if sp.top_k > 0:
         ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(sp.top_k))
     if sp.top_p < 1.0:

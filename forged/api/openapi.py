@@ -1,0 +1,201 @@
+"""The OpenAPI 3.1 document of forged's HTTP API, served at GET /openapi.json.
+
+The request schemas are built from the tables that validate requests (api/requests.py: the
+accepted fields, numeric bounds, neutral values, roles, the stop-string limit), so the document
+cannot promise what validation refuses or hide what it accepts. What those tables do not hold
+(the JSON shape of `prompt`, `messages`, `stop`, `stream_options`) is written here, once.
+tests/integration/test_openapi.py holds the document to the routes the app registers and to the
+validation, both ways.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from forged import __version__
+from forged.api.auth import EXEMPT_ROUTES
+from forged.api.openai import STATE
+from forged.api.requests import BOOLEANS, CHAT_FIELDS, COMPLETION_FIELDS, MAX_STOP_STRINGS, NEUTRAL, NUMBERS, ROLES
+
+OPENAPI_VERSION = "3.1.0"
+JSON = "application/json"
+
+_NULL = {"type": "null"}
+_STRING_OR_NULL = {"type": ["string", "null"]}
+_TEXT_PART = {"type": "object", "required": ["type", "text"],
+              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+# JSON shapes of the fields whose validation is code rather than a table in api/requests.py.
+_SHAPES: dict[str, dict[str, Any]] = {
+    "model": {**_STRING_OR_NULL, "description": "the served model id (GET /v1/models); another id gets 404"},
+    "user": _STRING_OR_NULL,
+    "prompt": {"anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
+        {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1,
+         "description": "token ids; ids outside the vocabulary get 400"},
+    ]},
+    "messages": {"type": "array", "minItems": 1, "items": {
+        "type": "object", "required": ["role", "content"],
+        "properties": {"role": {"enum": list(ROLES)},
+                       "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}},
+    }},
+    "stop": {"anyOf": [_NULL, {"type": "string"},
+                       {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP_STRINGS}]},
+    "stream_options": {"anyOf": [_NULL, {"type": "object", "additionalProperties": False,
+                                         "properties": {"include_usage": {"type": ["boolean", "null"]}}}]},
+}
+_EXTENSIONS = {"top_k": "extension (vLLM, llama-server): 0 = off",
+               "ignore_eos": "extension (vLLM, llama-server): keep generating past end-of-sequence",
+               "return_token_ids": "extension (vLLM): token ids in each choice and the prompt's in the answer"}
+
+
+def field_schema(name: str, context_length: int | None = None) -> dict[str, Any]:
+    """The JSON Schema of one request field, from the table in api/requests.py that validates it."""
+    if name in NUMBERS:
+        bounds = NUMBERS[name]
+        schema: dict[str, Any] = {"type": ["integer" if bounds.kind is int else "number", "null"]}
+        if bounds.lo is not None:
+            schema["exclusiveMinimum" if bounds.lo_exclusive else "minimum"] = bounds.lo
+        if bounds.hi is not None:
+            schema["maximum"] = bounds.hi
+        if name in ("max_tokens", "max_completion_tokens") and context_length:
+            # Prompt + max_tokens must fit the context, so more than the whole context never does.
+            schema["maximum"] = context_length
+    elif name in BOOLEANS:
+        schema = {"type": ["boolean", "null"]}
+    elif name in NEUTRAL:
+        schema = {"enum": list(NEUTRAL[name]),
+                  "description": "OpenAI field forged does not implement: accepted only at a neutral value"}
+    else:
+        schema = dict(_SHAPES[name])
+    if name in _EXTENSIONS:
+        schema["description"] = _EXTENSIONS[name]
+    return schema
+
+
+def request_schema(fields: frozenset[str], required: str, context_length: int | None = None) -> dict[str, Any]:
+    names = sorted(fields | set(NEUTRAL))
+    return {
+        "type": "object", "required": [required], "additionalProperties": False,
+        "properties": {name: field_schema(name, context_length) for name in names},
+        # stream_options only goes with stream: true.
+        "if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
+        "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
+    }
+
+
+_ERROR = {"type": "object", "required": ["error"], "additionalProperties": False, "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"], "additionalProperties": False,
+    "properties": {"message": {"type": "string", "minLength": 1}, "type": {"type": "string"},
+                   "param": _STRING_OR_NULL, "code": _STRING_OR_NULL}}}}
+_ERROR_REF = {"$ref": "#/components/schemas/Error"}
+_OBJECT = {"type": "object"}
+_CHOICES = {"type": "array", "items": _OBJECT}
+_USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+          "properties": {k: {"type": "integer", "minimum": 0}
+                         for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
+
+
+def _answer(kind: str) -> dict[str, Any]:
+    return {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
+            "properties": {"id": {"type": "string"}, "object": {"const": kind}, "created": {"type": "integer"},
+                           "model": {"type": "string"}, "choices": _CHOICES, "usage": _USAGE}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": _ERROR_REF}}}
+
+
+def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema or _OBJECT}}}
+
+
+def _generation(summary: str, request: str, answer: str) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "requestBody": {"required": True, "content": {JSON: {"schema": {"$ref": f"#/components/schemas/{request}"}}}},
+        "responses": {
+            "200": {"description": "the answer; with stream: true an SSE stream ending in `data: [DONE]`",
+                    "content": {JSON: {"schema": {"$ref": f"#/components/schemas/{answer}"}},
+                                # No type: tools read an SSE body either as text or as its events.
+                                "text/event-stream": {"schema": {
+                                    "description": "`data: {chunk}` events, the last `data: [DONE]`"}}}},
+            "400": _error("invalid_request (malformed JSON, invalid UTF-8, wrong type, out of range, unknown "
+                          "field) or context_length_exceeded"),
+            "404": _error("model_not_found: another model id than the one served"),
+            "408": _error("request_timeout: the body did not arrive within server.body_timeout_s"),
+            "413": _error("request_too_large: the body is over server.max_body_bytes"),
+            "500": _error("engine_error: the engine failed this request"),
+            "503": {**_error("queue_full, ttft_target_unmeetable, not_ready or shutting_down"),
+                    "headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 0}}}},
+        },
+    }
+
+
+def _read(summary: str, content: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    return {"summary": summary, "responses": {"200": content or _json("OK"), **extra}}
+
+
+def _operations() -> dict[Any, dict[str, Any]]:
+    """Handler -> its documentation. The paths and methods come from api/app.py ROUTES, the one place
+    routes are defined; a handler in ROUTES without an entry here fails loudly (KeyError) in tests."""
+    from forged.api import openai, ops  # the handlers' modules; app.py imports this one
+
+    return {
+        openai.completions: _generation("Text completion (OpenAI shape)", "CompletionRequest", "Completion"),
+        openai.chat_completions: _generation("Chat completion (OpenAI shape)", "ChatCompletionRequest",
+                                             "ChatCompletion"),
+        openai.models: _read("The served model", _json("an OpenAI model list", {
+            "type": "object", "required": ["object", "data"],
+            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _OBJECT}}})),
+        ops.status: _read("SKU, hardware, profile, engine, model, uptime, sessions, queue, KV blocks"),
+        ops.performance_targets: _read("The profile's targets beside live values, each met or unmet"),
+        ops.engine_config: _read("The engine configuration as passed to the engine, and its profile"),
+        ops.healthz: _read("The process is alive"),
+        ops.readyz: _read("Ready to serve", **{"503": _json("loading, draining or stalled", {
+            "type": "object", "required": ["status"],
+            "properties": {"status": {"type": "string"}, "reason": _STRING_OR_NULL}})}),
+        ops.metrics: _read("Prometheus metrics", {"description": "Prometheus text exposition",
+                                                  "content": {"text/plain": {"schema": {"type": "string"}}}}),
+        openapi_json: _read("This document", _json("an OpenAPI 3.1 document")),
+    }
+
+
+def document(context_length: int | None = None) -> dict[str, Any]:
+    """The whole document. `context_length`, when known, bounds max_tokens."""
+    from forged.api.app import ROUTES  # app.py imports this module
+
+    operations = _operations()
+    paths: dict[str, dict[str, Any]] = {}
+    for method, path, handler in ROUTES:
+        operation = operations[handler]
+        op = {**operation, "responses": {**operation["responses"], "default": _error("any other error")}}
+        if path in EXEMPT_ROUTES:
+            op["security"] = [{}]
+        paths.setdefault(path, {})[method.lower()] = op
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {"title": "forged", "version": __version__,
+                 "description": "Local LLM appliance daemon: OpenAI-compatible generation and operator routes. "
+                                "The same routes are served on TCP and the UNIX socket (docs/api.md)."},
+        # The key is needed only on TCP and only with listen.http.api_keys_file set (docs/api.md, Security).
+        "security": [{}, {"apiKey": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "CompletionRequest": request_schema(COMPLETION_FIELDS, "prompt", context_length),
+                "ChatCompletionRequest": request_schema(CHAT_FIELDS, "messages", context_length),
+                "Completion": _answer("text_completion"),
+                "ChatCompletion": _answer("chat.completion"),
+                "Error": _ERROR,
+            },
+        },
+    }
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response(document(state.engine.model.context_length or None))

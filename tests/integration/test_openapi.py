@@ -1,0 +1,181 @@
+"""The OpenAPI document: it covers exactly the routes the app registers, its request schemas accept
+exactly what api/requests.py accepts, and schemathesis fuzzing a live daemon over TCP from it finds
+no 5xx, no error that is not an OpenAI error object, and leaves the daemon healthy."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+from conftest import Daemon
+from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from forged import config as config_mod
+from forged import hardware as hardware_mod
+from forged import profiles
+from forged.api.app import TEST_ROUTES, build_app
+from forged.api.openapi import document
+from forged.api.requests import CHAT_FIELDS, COMPLETION_FIELDS, NEUTRAL, BadRequest, parse_chat, parse_completion
+from forged.engine import create_engine
+from forged.metrics import Metrics
+from forged.state import ServiceState
+
+# Every generated example stays cheap: a 64-token context bounds prompt + max_tokens.
+FUZZ_CONTEXT = 64
+FUZZ_EXAMPLES = 40
+REQUESTS = [("/v1/completions", parse_completion, COMPLETION_FIELDS),
+            ("/v1/chat/completions", parse_chat, CHAT_FIELDS)]
+
+
+def _operations(doc: dict[str, Any]) -> set[tuple[str, str]]:
+    return {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
+
+
+def _real_app_routes(tmp_path: Path, model_path: Path, test_hooks: bool) -> set[tuple[str, str]]:
+    """The routes build_app registers, on the same config, hardware, profile and engine objects
+    `forged run` builds (the engine is created, not loaded: routing does not need the model)."""
+    daemon = Daemon(tmp_path, model_path)
+    loaded = config_mod.load(daemon.config_dir)
+    hardware = hardware_mod.probe()
+    selection = profiles.select(loaded, hardware)
+    engine = create_engine(loaded, selection.name, selection.profile, hardware, tmp_path / "state",
+                           memory_available=lambda: 0).engine
+    state = ServiceState(config=loaded, profile_name=selection.name, profile=selection.profile, hardware=hardware,
+                         engine=engine, metrics=Metrics(lambda: None), test_hooks=test_hooks)
+    app = build_app(state)
+    return {(route.method, route.resource.canonical) for route in app.router.routes()
+            if route.resource is not None}
+
+
+@pytest.mark.parametrize("test_hooks", [False, True])
+def test_document_covers_exactly_the_registered_routes(tmp_path: Path, model_path: Path, test_hooks: bool) -> None:
+    registered = _real_app_routes(tmp_path, model_path, test_hooks)
+    test_only = {(method, path) for method, path, _ in TEST_ROUTES}
+    assert (test_only <= registered) == test_hooks
+    assert _operations(document()) == registered - test_only
+
+
+@pytest.mark.parametrize(("path", "parse", "fields"), REQUESTS)
+def test_request_schema_properties_are_the_accepted_fields(path: str, parse: Any, fields: frozenset[str]) -> None:
+    ref = document()["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    schema = document()["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    assert set(schema["properties"]) == fields | set(NEUTRAL)
+    assert schema["additionalProperties"] is False
+    required = schema["required"][0]
+    minimal = {"prompt": "x"} if required == "prompt" else {"messages": [{"role": "user", "content": "x"}]}
+    parse(minimal)
+    with pytest.raises(BadRequest) as refused:
+        parse({**minimal, "max_token": 5})  # a typo of a real field
+    assert refused.value.param == "max_token"
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+@pytest.mark.parametrize(("path", "parse", "fields"), REQUESTS)
+def test_validation_accepts_exactly_what_the_schema_allows(path: str, parse: Any, fields: frozenset[str],
+                                                           mode: GenerationMode) -> None:
+    """Bodies generated from the schema are accepted by api/requests.py; bodies generated to violate
+    it are refused. Either failing means the document and the validation have drifted apart."""
+    operation = schemathesis.openapi.from_dict(document())[path]["POST"]
+    disagreements: list[tuple[Any, str | None]] = []
+
+    @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(operation.as_strategy(generation_mode=mode))
+    def check(case: Any) -> None:
+        try:
+            parse(case.body)
+        except BadRequest as exc:
+            if mode is GenerationMode.POSITIVE:
+                disagreements.append((case.body, exc.message))
+        else:
+            if mode is GenerationMode.NEGATIVE:
+                disagreements.append((case.body, None))
+
+    check()
+    assert not disagreements, f"schema and validation disagree ({mode.value}): {disagreements[:3]!r}"
+
+
+@pytest.fixture(scope="module")
+def fuzz_daemon(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Any:
+    root = tmp_path_factory.mktemp("fuzz")
+    # One engine thread: on 2 cores shared with other test daemons, libllama's spinning thread pool
+    # made an 8-token answer take seconds instead of a third of one.
+    daemon = Daemon(root, model_path, settings={"server": {"default_max_tokens": 8}},
+                    profile={"inference": {"max_seq_len": FUZZ_CONTEXT}, "llama_cpp": {"n_threads": 1}}).start()
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def live_schema(fuzz_daemon: Daemon) -> Any:
+    # The document names no server: requests go where it was fetched from.
+    return schemathesis.openapi.from_url(f"{fuzz_daemon.url}/openapi.json")
+
+
+def test_served_document_is_the_one_built_here_bounded_by_the_context(fuzz_daemon: Daemon) -> None:
+    served = httpx.get(f"{fuzz_daemon.url}/openapi.json", timeout=10).json()
+    context = fuzz_daemon.status()["model"]["context_length"]
+    assert context == FUZZ_CONTEXT
+    assert served == json.loads(json.dumps(document(context)))
+    max_tokens = served["components"]["schemas"]["CompletionRequest"]["properties"]["max_tokens"]
+    assert max_tokens["maximum"] == context
+
+
+def openai_error_object(ctx: Any, response: Any, case: Any) -> bool | None:
+    """Every 4xx/5xx of every route is {"error": {message, type, param, code}} with a message."""
+    if response.status_code < 400:
+        return None
+    body = json.loads(response.content)
+    error = body["error"]
+    assert set(body) == {"error"} and set(error) == {"message", "type", "param", "code"}, body
+    assert isinstance(error["message"], str) and error["message"], body
+    return None
+
+
+FUZZ_CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+               negative_data_rejection, openai_error_object]
+
+
+# schemathesis' own pytest plugin does not run on pytest 9 yet: hypothesis drives its strategies here.
+@pytest.mark.parametrize(("method", "path"), sorted(_operations(document())))
+def test_fuzzed_requests_get_no_5xx_and_only_openai_errors(live_schema: Any, method: str, path: str) -> None:
+    operation = live_schema[path][method]
+    # A route without parameters or body has no invalid input to generate.
+    modes = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE] if method == "POST" else [GenerationMode.POSITIVE]
+    for mode in modes:
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(operation.as_strategy(generation_mode=mode))
+        def fuzz(case: Any) -> None:
+            response = case.call(timeout=60)
+            case.validate_response(response, checks=FUZZ_CHECKS)
+
+        fuzz()
+
+
+def test_daemon_is_healthy_after_fuzzing(fuzz_daemon: Daemon) -> None:
+    """Runs after the fuzzing above (pytest keeps file order): nothing it sent left a trace."""
+    assert httpx.get(f"{fuzz_daemon.url}/readyz", timeout=10).status_code == 200
+    r = httpx.post(f"{fuzz_daemon.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 4}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    deadline = time.monotonic() + 30
+    while True:
+        status = fuzz_daemon.status()
+        if status["sessions"]["active"] == 0 and status["queue"]["depth"] == 0:
+            break
+        assert time.monotonic() < deadline, f"sessions or queue not back to 0: {status['sessions']}, {status['queue']}"
+        time.sleep(0.2)
+    assert status["kv_cache"]["blocks_used"] == 0
+    assert "Traceback" not in fuzz_daemon.log()
