@@ -13,6 +13,7 @@ then runs each configuration twice (all users at once; arrivals spread over 10 s
   tuned     forged, the Thor-like profile: fp8->q8_0 KV, chunked context, session limit, queue depth
   deadline  tuned + deadline admission against the 2 s TTFT P99 target
   llama-server  the kit's llama-server, same model, same load, -np = users, f16 KV, flash attention
+  llama-server-q8  the same with q8_0 KV, tuned's KV dtype
 and reports TTFT P50/P99, TPS per user, aggregate tok/s, rejections by reason, goodput (answers
 within the 2 s target per second), peak GPU memory (NVML), the worst inter-token gap against the
 median, and the physical floor (prefill tok/s measured alone x tokens ahead).
@@ -269,7 +270,42 @@ def profile_for(name: str, users: int, prompt_tokens: int) -> dict[str, Any]:
              "llama_cpp": {"n_gpu_layers": -1, "n_ubatch": 512, "kv_unified": False}}
     if name == "deadline":
         tuned["admission"] = {"mode": "deadline"}
+    if name == "tuned-fp16":  # the tuned scheduler with llama-server's KV dtype: separates the two effects
+        tuned["tensorrt_llm"] = {**tuned["tensorrt_llm"], "kv_cache_dtype": "fp16"}
     return tuned
+
+
+def start_server(args: argparse.Namespace, name: str, model: Path, root: Path, env: dict[str, str]
+                 ) -> tuple[Server, str]:
+    """One configuration's server on a free port, logging to the results folder; and its ready route."""
+    port = free_port()
+    log = args.out / f"{root.name}.log"
+    if name.startswith("llama-server"):
+        argv = [str(args.llama_server), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+                "-np", str(args.users), "-c", str(args.users * (args.prompt_tokens + 512)), "-fa", "on",
+                "-ngl", "99", "--no-warmup"]
+        if name == "llama-server-q8":
+            argv += ["-ctk", "q8_0", "-ctv", "q8_0"]
+        return Server(argv, env, port, log), "/health"
+    cfg = forged_config(root, port, model, profile_for(name, args.users, args.prompt_tokens))
+    return Server([sys.executable, "-m", "forged", "--config-dir", str(cfg), "run"],
+                  dict(env, FORGED_RUN_DIR=str(root), FORGED_STATE_DIR=str(root / "state")), port, log), "/readyz"
+
+
+def start_profile(py_spy: Path, server: Server, out: Path) -> subprocess.Popen[bytes]:
+    """Sample every thread of the forged process, Python and native frames, idle included, until stopped."""
+    return subprocess.Popen([str(py_spy), "record", "--native", "--threads", "--idle", "--format", "raw",
+                             "--rate", "200", "--output", str(out), "--pid", str(server.proc.pid)],
+                            stdout=subprocess.DEVNULL, stderr=out.with_suffix(".pyspy.log").open("wb"))
+
+
+def stop_profile(profiler: subprocess.Popen[bytes] | None) -> None:
+    if profiler is not None and profiler.poll() is None:
+        profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        try:
+            profiler.wait(60)
+        except subprocess.TimeoutExpired:
+            profiler.kill()
 
 
 def main() -> None:
@@ -283,8 +319,13 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=20000)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--decode-tokens", type=int, default=256)
-    ap.add_argument("--configs", nargs="+", default=["untuned", "tuned", "deadline", "llama-server"])
+    ap.add_argument("--configs", nargs="+", default=["untuned", "tuned", "deadline", "llama-server",
+                                                     "llama-server-q8"])
+    ap.add_argument("--decode-configs", nargs="+", default=["tuned", "tuned-fp16", "llama-server",
+                                                            "llama-server-q8"])
     ap.add_argument("--spreads", nargs="+", type=float, default=[0.0, 10.0])
+    ap.add_argument("--py-spy", type=Path, help="py-spy binary: profile forged's step loop in the tuned runs "
+                    "(folded stacks, --native, written next to the results)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpubench-"))
@@ -330,28 +371,17 @@ def main() -> None:
         for name in args.configs:
             for spread in args.spreads:
                 key = f"{name}/{'burst' if spread == 0 else f'spread{spread:g}s'}"
-                port = free_port()
-                log = args.out / f"{shape}-{name}-{int(spread)}.log"
-                if name == "llama-server":
-                    ctx = args.users * (args.prompt_tokens + 512)
-                    argv = [str(args.llama_server), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-                            "-np", str(args.users), "-c", str(ctx), "-fa", "on", "-ngl", "99", "--no-warmup"]
-                    server = Server(argv, env, port, log)
-                    route = "/health"
-                else:
-                    root = work / f"{shape}-{name}-{int(spread)}"
-                    cfg = forged_config(root, port, model, profile_for(name, args.users, args.prompt_tokens))
-                    server = Server([sys.executable, "-m", "forged", "--config-dir", str(cfg), "run"],
-                                    dict(env, FORGED_RUN_DIR=str(root), FORGED_STATE_DIR=str(root / "state")),
-                                    port, log)
-                    route = "/readyz"
+                server, route = start_server(args, name, model, work / f"{shape}-{name}-{int(spread)}", env)
+                profiler = None
                 try:
                     server.wait_ready(route)
+                    if args.py_spy and name == "tuned":
+                        profiler = start_profile(args.py_spy, server, args.out / f"{shape}-{name}-{int(spread)}.folded")
                     with sampler:
                         results, wall = run_load(server.url, texts, args.new_tokens, spread,
-                                                 name == "llama-server")
+                                                 name.startswith("llama-server"))
                     summary = summarize(results, wall, sampler.peak, prefill_tok_s, args.prompt_tokens)
-                    if name != "llama-server":
+                    if not name.startswith("llama-server"):
                         with contextlib.suppress(httpx.HTTPError, ValueError):
                             metrics = httpx.get(server.url + "/metrics", timeout=10).text
                             summary["preemptions"] = next((float(line.split()[-1]) for line in metrics.splitlines()
@@ -359,6 +389,7 @@ def main() -> None:
                 except Exception as exc:  # keep the other runs going; the report says what failed
                     summary = {"error": repr(exc)[:500]}
                 finally:
+                    stop_profile(profiler)
                     server.stop()
                 shape_report["runs"][key] = summary
                 print(key, json.dumps(summary), flush=True)
@@ -366,23 +397,14 @@ def main() -> None:
                 (args.out / "gpu_bench.json").write_text(json.dumps(report, indent=2))
         # Decode at full concurrency: short prompts, long answers, everyone at once.
         short = prompts(args.users, 128)
-        for name in ("tuned", "llama-server"):
-            port = free_port()
-            log = args.out / f"{shape}-{name}-decode.log"
-            if name == "llama-server":
-                server = Server([str(args.llama_server), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-                                 "-np", str(args.users), "-c", str(args.users * (args.prompt_tokens + 512)), "-fa",
-                                 "on", "-ngl", "99", "--no-warmup"], env, port, log)
-                route = "/health"
-            else:
-                root = work / f"{shape}-{name}-decode"
-                cfg = forged_config(root, port, model, profile_for(name, args.users, args.prompt_tokens))
-                server = Server([sys.executable, "-m", "forged", "--config-dir", str(cfg), "run"],
-                                dict(env, FORGED_RUN_DIR=str(root), FORGED_STATE_DIR=str(root / "state")), port, log)
-                route = "/readyz"
+        for name in args.decode_configs:
+            server, route = start_server(args, name, model, work / f"{shape}-{name}-decode", env)
+            profiler = None
             try:
                 server.wait_ready(route)
-                results, wall = run_load(server.url, short, args.decode_tokens, 0.0, name == "llama-server")
+                if args.py_spy and name == "tuned":
+                    profiler = start_profile(args.py_spy, server, args.out / f"{shape}-{name}-decode.folded")
+                results, wall = run_load(server.url, short, args.decode_tokens, 0.0, name.startswith("llama-server"))
                 ok = [r for r in results if r["status"] == 200 and len(r["arrivals"]) > 1]
                 first = max(r["arrivals"][0] for r in ok)
                 last = min(r["arrivals"][-1] for r in ok)
@@ -393,6 +415,7 @@ def main() -> None:
             except Exception as exc:
                 summary = {"error": repr(exc)[:500]}
             finally:
+                stop_profile(profiler)
                 server.stop()
             shape_report["runs"][f"{name}/decode{args.users}"] = summary
             print(f"{name}/decode", json.dumps(summary), flush=True)
