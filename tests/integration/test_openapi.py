@@ -77,6 +77,13 @@ def test_request_schema_properties_are_the_accepted_fields(path: str, parse: Any
     required = schema["required"][0]
     minimal = {"prompt": "x"} if required == "prompt" else {"messages": [{"role": "user", "content": "x"}]}
     parse(minimal)
+    # Every property the document offers is one the parser knows: asked with a value of the wrong
+    # type it may refuse the value, never the field's existence.
+    for name in schema["properties"]:
+        try:
+            parse({**minimal, name: {"not": "a valid value"}})
+        except BadRequest as exc:
+            assert not str(exc).startswith("unknown field"), (name, str(exc))
     with pytest.raises(BadRequest) as refused:
         parse({**minimal, "max_token": 5})  # a typo of a real field
     assert refused.value.param == "max_token"
