@@ -37,15 +37,25 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+TEST_STATE = Path(os.environ.get("FORGED_TEST_STATE", REPO / "build" / "test-state"))
+
+
 @pytest.fixture(scope="session")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real default model, assembled once per machine from its PyPI package."""
+def model_path() -> Path:
+    """The real default model (SmolLM2-135M-Instruct), from its PyPI package."""
     from forged.config import ModelSettings
     from forged.models import resolve_model
 
-    state = Path(os.environ.get("FORGED_TEST_STATE", REPO / "build" / "test-state"))
-    path, _ = resolve_model(ModelSettings(), state)
+    path, _ = resolve_model(ModelSettings(), TEST_STATE)
     return path
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    """Gemma 3 270M by name: the packaged model with sliding-window attention, assembled once per machine."""
+    from forged.models import GEMMA3_270M, packaged_model_path
+
+    return packaged_model_path(GEMMA3_270M, TEST_STATE)
 
 
 class Daemon:
