@@ -2,7 +2,9 @@
 
 A request is parsed, tokenized, checked against the context, admitted (or refused with 503), and
 then streamed as SSE or collected into one JSON answer. Whatever way it ends (finished, client
-gone, engine error) the `finally` block hands its session back, so nothing leaks.
+gone, engine error) the `finally` block hands its session back, so nothing leaks. The prompt of a
+chat (its tools included) is built by `_build_request` with api/tools.py; the answer's shape comes
+from api/responses.py.
 """
 
 from __future__ import annotations
@@ -11,20 +13,22 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import Any
 
 from aiohttp import web
 
 from forged.admission import Refused, Ticket
+from forged.api import tools
 from forged.api.errors import MAX_BODY, app_key, error_response, sse_error
 from forged.api.requests import BadRequest, ParsedRequest, parse_chat, parse_completion
-from forged.engine.base import GenerationRequest, RequestRejected, TokenEvent
+from forged.api.responses import ChoiceBuilder, Kind, usage
+from forged.engine.base import Engine, GenerationRequest, RequestRejected, SamplingParams, TokenEvent
 from forged.state import ServiceState
 from forged.targets import LatencyWindow
 
-Kind = Literal["completion", "chat"]
 STATE = app_key("state", ServiceState)
 WINDOW = app_key("window", LatencyWindow)
 # Tokenizing and validating run here, off the event loop. The pool is joined when the app is cleaned
@@ -50,11 +54,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [_model_object(request.app[STATE])]})
+
+
+async def model(request: web.Request) -> web.Response:
+    """GET /v1/models/{model_id}: the served model, or 404 for any other id (client.models.retrieve)."""
     state = request.app[STATE]
-    return web.json_response({"object": "list", "data": [{
-        "id": state.model_id, "object": "model", "created": int(state.started_wall), "owned_by": "forged",
-        "context_length": state.engine.model.context_length or None,
-    }]})
+    model_id = request.match_info["model_id"]
+    if model_id != state.model_id:
+        return error_response(404, f"model {model_id!r} does not exist; this daemon serves {state.model_id!r}",
+                              "model_not_found", param="model")
+    return web.json_response(_model_object(state))
+
+
+def _model_object(state: ServiceState) -> dict[str, Any]:
+    return {"id": state.model_id, "object": "model", "created": int(state.started_wall), "owned_by": "forged",
+            "context_length": state.engine.model.context_length or None}
 
 
 async def _read_json(request: web.Request) -> Any:
@@ -113,8 +128,8 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
     try:
         # Off the event loop: tokenizing a 20k-token prompt takes tens of milliseconds, and a burst
         # of them would otherwise hold up every other request (and each other) in turn.
-        generation = await asyncio.get_running_loop().run_in_executor(request.app[TOKENIZER_POOL], _build_request,
-                                                                      state, parsed, kind)
+        generation, plan = await asyncio.get_running_loop().run_in_executor(request.app[TOKENIZER_POOL],
+                                                                            _build_request, state, parsed, kind)
     except RequestRejected as exc:
         state.metrics.reject("invalid_request")
         return error_response(400, str(exc), exc.code)
@@ -126,7 +141,7 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
     outcome = "cancelled"
     try:
         send = _stream if parsed.stream else _collect
-        response, outcome = await send(request, state, ticket, parsed, kind, received)
+        response, outcome = await send(request, state, ticket, parsed, plan, received)
         return response
     except Exception as exc:
         # A write to a client that left fails with ConnectionResetError: still "cancelled". Anything
@@ -138,27 +153,84 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
         state.admission.finish(ticket, outcome)
 
 
-def _build_request(state: ServiceState, parsed: ParsedRequest, kind: Kind) -> GenerationRequest:
-    """The engine request: prompt tokens and sampling, validated by the engine (RequestRejected)."""
+@dataclass(frozen=True)
+class _Plan:
+    """How to read what the engine generates for a request."""
+
+    kind: Kind
+    parser: Callable[[], tools.OutputParser] = tools.ContentParser
+    echo: str = ""
+
+    def builders(self, parsed: ParsedRequest) -> list[ChoiceBuilder]:
+        assert parsed.sampling is not None
+        return [ChoiceBuilder(i, self.kind, self.parser(), parsed.sampling.logprobs is not None, self.echo)
+                for i in range(parsed.n)]
+
+
+def _build_request(state: ServiceState, parsed: ParsedRequest, kind: Kind) -> tuple[GenerationRequest, _Plan]:
+    """The engine request (prompt tokens and sampling, validated by the engine: RequestRejected),
+    and how to read its output."""
     engine = state.engine
+    assert parsed.sampling is not None
+    sampling = parsed.sampling
+    plan = _Plan(kind)
+    if parsed.response_format is not None:
+        _check_schema(engine, parsed.response_format.schema, "response_format.json_schema.schema")
     if kind == "chat":
-        assert parsed.messages is not None
-        text = engine.render_chat(parsed.messages)
+        sampling, plan, (messages, template_tools) = _chat(engine, parsed)
+        text = engine.render_chat(messages, template_tools)
         tokens = engine.tokenize(text, add_special=False, parse_special=True)
     elif isinstance(parsed.prompt, str):
         tokens = engine.tokenize_prompt(parsed.prompt)
+        plan = _Plan(kind, echo=parsed.prompt if parsed.echo else "")
     else:
         assert parsed.prompt is not None
         tokens = list(parsed.prompt)
-    assert parsed.sampling is not None
     max_tokens = parsed.max_tokens
     if max_tokens is None:
         room = engine.model.context_length - len(tokens)
         max_tokens = max(1, min(state.config.settings.server.default_max_tokens, room))
     generation = GenerationRequest(request_id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
-                                   prompt_tokens=tokens, sampling=replace(parsed.sampling, max_tokens=max_tokens))
+                                   prompt_tokens=tokens, sampling=replace(sampling, max_tokens=max_tokens),
+                                   n=parsed.n)
     engine.validate(generation)
-    return generation
+    return generation, plan
+
+
+def _response_schema(parsed: ParsedRequest) -> dict[str, Any] | None:
+    """What a direct answer must be under response_format: its schema, any object for json_object."""
+    if parsed.response_format is None:
+        return None
+    return parsed.response_format.schema or {"type": "object"}
+
+
+def _chat(engine: Engine, parsed: ParsedRequest) -> tuple[SamplingParams, _Plan, tools.TemplateInputs]:
+    """A chat in the model's tool format: its sampling (the grammar its response_format or
+    tool_choice needs), how to read its output, and what the chat template renders."""
+    assert parsed.sampling is not None and parsed.messages is not None
+    fmt = tools.format_for(engine.chat_template_source())
+    request = parsed.tools
+    sampling = parsed.sampling
+    if request is not None and request.active:
+        constraint = fmt.constraint(request, _response_schema(parsed))
+        if constraint is not None:
+            for i, tool in enumerate(request.tools):
+                _check_schema(engine, tool.parameters, f"tools[{i}].function.parameters")
+            sampling = replace(sampling, constraint=constraint)
+        elif parsed.response_format is not None:
+            raise RequestRejected(f"response_format cannot be combined with tools under tool_choice auto for a "
+                                  f"model with native tool calls ({fmt.name} format): the model chooses freely "
+                                  f"between text and calls there; use tool_choice required, or no response_format")
+    inputs = fmt.template_inputs(parsed.messages, request, _response_schema(parsed))
+    return sampling, _Plan("chat", lambda: fmt.parser(request)), inputs
+
+
+def _check_schema(engine: Engine, schema: dict[str, Any] | None, where: str) -> None:
+    """Refuse, naming them, the parts of a client's schema the engine would not enforce."""
+    problems = engine.schema_problems(schema) if schema is not None else []
+    if problems:
+        raise RequestRejected(f"{where} uses JSON Schema features that forged cannot enforce while sampling: "
+                              + "; ".join(p.replace("$", where, 1) for p in problems[:8]))
 
 
 class _Timing:
@@ -199,9 +271,7 @@ class _Timing:
 
 
 def _usage(ticket: Ticket, completion_tokens: int) -> dict[str, int]:
-    prompt = len(ticket.request.prompt_tokens)
-    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
-            "total_tokens": prompt + completion_tokens}
+    return usage(len(ticket.request.prompt_tokens), completion_tokens)
 
 
 def _engine_error(event: TokenEvent) -> web.Response:
@@ -220,17 +290,18 @@ def _outcome(event: TokenEvent) -> str:
 
 
 async def _collect(request: web.Request, state: ServiceState, ticket: Ticket, parsed: ParsedRequest,
-                   kind: Kind, received: float) -> tuple[web.StreamResponse, str]:
+                   plan: _Plan, received: float) -> tuple[web.StreamResponse, str]:
     timing = _Timing(state, request.app[WINDOW], received, ticket)
-    parts: list[str] = []
-    token_ids: list[int] = []
-    while True:
+    builders = plan.builders(parsed)
+    remaining = len(builders)
+    while remaining:
         event = await ticket.events.get()
         timing.on_event(event)
-        parts.append(event.text)
-        token_ids.extend(event.token_ids)
-        if event.finish_reason is not None:
+        if event.finish_reason in ("error", "cancelled"):
             break
+        builders[event.index].collect(event)
+        if event.finish_reason is not None:
+            remaining -= 1
     timing.finish()
     outcome = _outcome(event)
     if event.finish_reason == "error":
@@ -238,23 +309,17 @@ async def _collect(request: web.Request, state: ServiceState, ticket: Ticket, pa
     if event.finish_reason == "cancelled":
         return error_response(503, "the request was cancelled because forged is shutting down",
                               "shutting_down"), outcome
-    text = "".join(parts)
-    base = {"id": ticket.request_id, "created": int(time.time()), "model": state.model_id,
+    body = {"id": ticket.request_id, "object": "chat.completion" if plan.kind == "chat" else "text_completion",
+            "created": int(time.time()), "model": state.model_id,
+            "choices": [b.choice(parsed.return_token_ids) for b in builders],
             "usage": _usage(ticket, timing.tokens)}
-    if kind == "chat":
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                  "logprobs": None, "finish_reason": event.finish_reason}
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": event.finish_reason}
     if parsed.return_token_ids:
-        choice["token_ids"] = token_ids
-        base["prompt_token_ids"] = ticket.request.prompt_tokens
-    obj = "chat.completion" if kind == "chat" else "text_completion"
-    return web.json_response({**base, "object": obj, "choices": [choice]}), outcome
+        body["prompt_token_ids"] = ticket.request.prompt_tokens
+    return web.json_response(body), outcome
 
 
 async def _stream(request: web.Request, state: ServiceState, ticket: Ticket, parsed: ParsedRequest,
-                  kind: Kind, received: float) -> tuple[web.StreamResponse, str]:
+                  plan: _Plan, received: float) -> tuple[web.StreamResponse, str]:
     timing = _Timing(state, request.app[WINDOW], received, ticket)
     # An engine that refused the request while it was submitted has already said so: answer with its
     # status rather than a 200 stream that carries only an error.
@@ -265,25 +330,19 @@ async def _stream(request: web.Request, state: ServiceState, ticket: Ticket, par
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)
     created = int(time.time())
-    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    obj = "chat.completion.chunk" if plan.kind == "chat" else "text_completion"
 
-    def chunk(delta: str | None, finish: str | None, *, role: bool = False,
-              token_ids: tuple[int, ...] = ()) -> bytes:
-        if kind == "chat":
-            d: dict[str, Any] = {"role": "assistant", "content": ""} if role else \
-                ({} if delta is None else {"content": delta})
-            choice: dict[str, Any] = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
-        if parsed.return_token_ids:
-            choice["token_ids"] = list(token_ids)
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         body = {"id": ticket.request_id, "object": obj, "created": created, "model": state.model_id,
-                "choices": [choice]}
+                "choices": choices, **extra}
         return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
 
-    if kind == "chat":
-        await response.write(chunk(None, None, role=True))
-    while True:
+    builders = plan.builders(parsed)
+    for builder in builders:
+        for choice in builder.opening():
+            await response.write(chunk([choice]))
+    remaining = len(builders)
+    while remaining:
         if first is not None:
             event, first = first, None
         else:
@@ -296,20 +355,13 @@ async def _stream(request: web.Request, state: ServiceState, ticket: Ticket, par
             await response.write(sse_error(message, "engine_error" if event.finish_reason == "error"
                                            else "shutting_down"))
             break
-        if event.text or event.finish_reason or (parsed.return_token_ids and event.token_ids):
-            if kind == "chat" and event.finish_reason and event.text:
-                await response.write(chunk(event.text, None, token_ids=event.token_ids))
-                await response.write(chunk(None, event.finish_reason))
-            else:
-                await response.write(chunk(event.text if event.text or kind != "chat" else None,
-                                           event.finish_reason, token_ids=event.token_ids))
+        for choice in builders[event.index].feed(event, token_ids=parsed.return_token_ids):
+            await response.write(chunk([choice]))
         if event.finish_reason is not None:
-            break
+            remaining -= 1
     timing.finish()
     if parsed.include_usage:
-        usage = {"id": ticket.request_id, "object": obj, "created": created, "model": state.model_id,
-                 "choices": [], "usage": _usage(ticket, timing.tokens)}
-        await response.write(b"data: " + json.dumps(usage).encode() + b"\n\n")
+        await response.write(chunk([], usage=_usage(ticket, timing.tokens)))
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response, _outcome(event)

@@ -223,7 +223,7 @@ def test_validate_refuses_what_tensorrt_llm_cannot_run(fake: Any) -> None:
     def request(prompt_tokens: int, max_tokens: int) -> GenerationRequest:
         return GenerationRequest("x", [5] * prompt_tokens, SamplingParams(max_tokens=max_tokens))
 
-    with pytest.raises(RequestRejected, match="context is 4096 tokens"):
+    with pytest.raises(RequestRejected, match="maximum context length is 4096 tokens"):
         engine.validate(request(4096, 1))
     with pytest.raises(RequestRejected, match=r"more than max_num_tokens \(256\).*chunked context off"):
         engine.validate(request(300, 1))

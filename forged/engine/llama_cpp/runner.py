@@ -37,12 +37,16 @@ from forged.engine.base import (
     Rate,
     RequestRejected,
     TokenEvent,
+    TokenLogprob,
+    context_overflow,
 )
 from forged.engine.kv import LLAMA_CPP_DTYPE_BYTES, KvShape, shape_from_metadata
 from forged.engine.llama_cpp.batch import StepBatch
 from forged.engine.llama_cpp.blocks import BlockAllocator, blocks_for
 from forged.engine.llama_cpp.faults import FaultInjector
+from forged.engine.llama_cpp.grammar import to_gbnf, unsupported_features
 from forged.engine.llama_cpp.model import LlamaModel
+from forged.engine.llama_cpp.sampling import Sampled, Sampler, build_sampler
 from forged.engine.llama_cpp.scheduler import Slice, plan_step
 from forged.engine.llama_cpp.text import StopMatcher, StreamDecoder
 
@@ -67,7 +71,7 @@ class Sequence:
     request: GenerationRequest
     events: asyncio.Queue[TokenEvent]
     arrival: int
-    sampler: Any
+    sampler: Sampler | None
     to_prefill: list[int]
     seq_id: int = -1
     prefilled: int = 0
@@ -79,10 +83,6 @@ class Sequence:
     # When the step holding its first prompt chunk began, and the engine's prefill token count then.
     prefill_started: float = 0.0
     prefill_mark: int = 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.request.sampling.temperature <= 0
 
     @property
     def request_id(self) -> str:
@@ -103,16 +103,17 @@ class StepCalls:
     def decode(self, ctx: Any, batch: Any, plan: list[Slice]) -> int:
         return ll.llama_decode(ctx, batch)
 
-    def sample(self, ctx: Any, seq: Sequence, idx: int) -> int:
-        if seq.greedy:
-            # The argmax straight off the logits row: libllama's greedy sampler first copies the whole
-            # vocabulary (262k entries for Gemma 3) into a candidates array, once per sequence per
-            # step; at 20 streams on the H200 that held decode to 0.72x llama-server's (now 2.6x).
+    def sample(self, ctx: Any, seq: Sequence, idx: int) -> Sampled:
+        if seq.sampler is None:
+            # Plain greedy: the argmax straight off the logits row. libllama's greedy sampler first
+            # copies the whole vocabulary (262k entries for Gemma 3) into a candidates array, once
+            # per sequence per step; at 20 streams on the H200 that held decode to 0.72x
+            # llama-server's (now 2.6x).
             logits = ll.llama_get_logits_ith(ctx, idx)
             if not logits:
                 raise EngineError(f"libllama has no logits for batch position {idx}")
-            return int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
-        return ll.llama_sampler_sample(seq.sampler, ctx, idx)
+            return Sampled(int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax()))
+        return seq.sampler.sample(ctx, idx)
 
 
 class LlamaCppEngine(Engine):
@@ -289,9 +290,16 @@ class LlamaCppEngine(Engine):
         assert self._llama is not None
         return self._llama.tokenize(text, add_special=add_special, parse_special=parse_special)
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         assert self._llama is not None
-        return self._llama.render_chat(messages)
+        return self._llama.render_chat(messages, tools)
+
+    def chat_template_source(self) -> str:
+        assert self._llama is not None
+        return self._llama.chat_template_text
+
+    def schema_problems(self, schema: Any) -> list[str]:
+        return unsupported_features(schema)
 
     @property
     def add_bos(self) -> bool:
@@ -306,17 +314,28 @@ class LlamaCppEngine(Engine):
         context = self.model.context_length
         if prompt == 0:
             raise RequestRejected("the prompt is empty")
-        if prompt >= context:
-            raise RequestRejected(f"the prompt has {prompt} tokens, but this model's context is {context} "
-                                  f"tokens", "context_length_exceeded")
-        if prompt + request.sampling.max_tokens > context:
-            raise RequestRejected(f"the prompt has {prompt} tokens and max_tokens is "
-                                  f"{request.sampling.max_tokens}, {prompt + request.sampling.max_tokens} in "
-                                  f"all, but this model's context is {context} tokens", "context_length_exceeded")
+        if prompt >= context or prompt + request.sampling.max_tokens > context:
+            raise context_overflow(prompt, request.sampling.max_tokens, context)
         assert self._llama is not None
-        bad = next((t for t in request.prompt_tokens if not 0 <= t < self._llama.n_vocab), None)
+        n_vocab = self._llama.n_vocab
+        bad = next((t for t in request.prompt_tokens if not 0 <= t < n_vocab), None)
         if bad is not None:
-            raise RequestRejected(f"token id {bad} is not in this model's vocabulary (0..{self._llama.n_vocab - 1})")
+            raise RequestRejected(f"token id {bad} is not in this model's vocabulary (0..{n_vocab - 1})")
+        if request.n > self.max_choices:
+            raise RequestRejected(f"n is {request.n}, but the llama_cpp engine generates one choice per request "
+                                  f"until it can fork a sequence after its prefill; send n: 1, or {request.n} "
+                                  f"requests")
+        sp = request.sampling
+        bad = next((t for t, _ in sp.logit_bias if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise RequestRejected(f"logit_bias names token id {bad}, which is not in this model's vocabulary "
+                                  f"(0..{n_vocab - 1})")
+        if sp.constraint is not None:
+            # Compiled here, on the tokenizer pool: the step thread then finds it cached.
+            grammar = ll.llama_sampler_init_grammar(self._llama.vocab, to_gbnf(sp.constraint).encode(), b"root")
+            if not grammar:
+                raise RequestRejected("libllama could not parse the grammar made for this request")
+            ll.llama_sampler_free(grammar)
         if not self.levers.enable_chunked_context and prompt > self.levers.max_num_tokens:
             raise RequestRejected(f"the prompt has {prompt} tokens, more than max_num_tokens "
                                   f"({self.levers.max_num_tokens}), and this profile has chunked context off")
@@ -437,9 +456,18 @@ class LlamaCppEngine(Engine):
         self._accepted_tokens += len(request.prompt_tokens)
         seq = self._parked.pop(request.request_id, None)
         if seq is None:
+            try:
+                sampler = self._make_sampler(request)
+            except Exception as exc:  # validate() compiled its grammar already: not expected, but one request's
+                log.exception("could not make the sampler for request %s", request.request_id)
+                assert self.allocator is not None
+                if self.allocator.release(request.request_id):
+                    self._call_loop(self._hooks.on_capacity_freed)
+                self._deliver([(events, TokenEvent("", finish_reason="error", error=f"sampler: {exc}"))])
+                return
             self._arrivals += 1
             seq = Sequence(request=request, events=events, arrival=self._arrivals,
-                           sampler=_make_sampler(request), to_prefill=list(request.prompt_tokens),
+                           sampler=sampler, to_prefill=list(request.prompt_tokens),
                            stop=StopMatcher(request.sampling.stop))
         else:
             # Resume after preemption: recompute prompt + everything already streamed.
@@ -604,22 +632,36 @@ class LlamaCppEngine(Engine):
         self._parked[seq.request_id] = seq
         self._call_loop(self._hooks.on_preempted, seq.request_id)
 
+    def _make_sampler(self, request: GenerationRequest) -> Sampler | None:
+        assert self._llama is not None
+        return build_sampler(self._llama, request.sampling)
+
     def _sample(self, seq: Sequence, idx: int) -> TokenEvent:
         assert self._llama is not None and self._calls is not None
-        token = self._calls.sample(self._ctx, seq, idx)
+        sampled = self._calls.sample(self._ctx, seq, idx)
+        token = sampled.token
         sp = seq.request.sampling
         seq.generated.append(token)
+        logprobs = self._logprobs(sampled)
         if not sp.ignore_eos and self._llama.is_eog(token):
-            return TokenEvent(self._flush(seq), (token,), finish_reason="stop")
+            return TokenEvent(self._flush(seq), (token,), finish_reason="stop", logprobs=logprobs)
         text = seq.decoder.feed(self._llama.piece(token))
         assert seq.stop is not None
         text, stopped = seq.stop.feed(text)
         if stopped:
-            return TokenEvent(text, (token,), finish_reason="stop")
+            return TokenEvent(text, (token,), finish_reason="stop", logprobs=logprobs)
         if len(seq.generated) >= sp.max_tokens:
-            return TokenEvent(text + self._flush(seq), (token,), finish_reason="length")
+            return TokenEvent(text + self._flush(seq), (token,), finish_reason="length", logprobs=logprobs)
         seq.pending_token = token
-        return TokenEvent(text, (token,))
+        return TokenEvent(text, (token,), logprobs=logprobs)
+
+    def _logprobs(self, sampled: Sampled) -> tuple[TokenLogprob, ...]:
+        if sampled.logprob is None:
+            return ()
+        assert self._llama is not None
+        piece = self._llama.piece
+        return (TokenLogprob(sampled.token, piece(sampled.token), sampled.logprob,
+                             tuple((t, piece(t), lp) for t, lp in sampled.top)),)
 
     @staticmethod
     def _flush(seq: Sequence) -> str:
@@ -637,8 +679,8 @@ class LlamaCppEngine(Engine):
             seq.seq_id = -1
             self._account()
         freed = self.allocator.release(seq.request_id)
-        if not keep_sampler and seq.sampler:
-            ll.llama_sampler_free(seq.sampler)
+        if not keep_sampler and seq.sampler is not None:
+            seq.sampler.free()
             seq.sampler = None
         if freed and notify:
             self._call_loop(self._hooks.on_capacity_freed)
@@ -732,24 +774,6 @@ def size_kv_cache(shape: KvShape, levers: Any, *, sessions: int, context: int, n
 def _put_all(deliveries: list[tuple[asyncio.Queue[TokenEvent], TokenEvent]]) -> None:
     for queue, event in deliveries:
         queue.put_nowait(event)
-
-
-def _make_sampler(request: GenerationRequest) -> Any:
-    """libllama's sampler chain for the request; None for greedy, which StepCalls.sample does itself."""
-    sp = request.sampling
-    if sp.temperature <= 0:
-        return None
-    params = ll.llama_sampler_chain_default_params()
-    params.no_perf = True
-    chain = ll.llama_sampler_chain_init(params)
-    if sp.top_k > 0:
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(sp.top_k))
-    if sp.top_p < 1.0:
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(sp.top_p, 1))
-    ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(sp.temperature))
-    seed = ll.LLAMA_DEFAULT_SEED if sp.seed is None else sp.seed & 0xFFFFFFFF
-    ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed))
-    return chain
 
 
 def _asdict(obj: Any) -> dict[str, Any]:
