@@ -132,7 +132,7 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
                                                                             _build_request, state, parsed, kind)
     except RequestRejected as exc:
         state.metrics.reject("invalid_request")
-        return error_response(400, str(exc), exc.code)
+        return error_response(400, str(exc), exc.code, param=exc.param)
     try:
         ticket = await state.admission.admit(generation, received)
     except Refused as exc:
@@ -220,7 +220,8 @@ def _chat(engine: Engine, parsed: ParsedRequest) -> tuple[SamplingParams, _Plan,
         elif parsed.response_format is not None:
             raise RequestRejected(f"response_format cannot be combined with tools under tool_choice auto for a "
                                   f"model with native tool calls ({fmt.name} format): the model chooses freely "
-                                  f"between text and calls there; use tool_choice required, or no response_format")
+                                  f"between text and calls there; use tool_choice required, or no response_format",
+                                  param="response_format")
     inputs = fmt.template_inputs(parsed.messages, request, _response_schema(parsed))
     return sampling, _Plan("chat", lambda: fmt.parser(request)), inputs
 
@@ -230,7 +231,7 @@ def _check_schema(engine: Engine, schema: dict[str, Any] | None, where: str) -> 
     problems = engine.schema_problems(schema) if schema is not None else []
     if problems:
         raise RequestRejected(f"{where} uses JSON Schema features that forged cannot enforce while sampling: "
-                              + "; ".join(p.replace("$", where, 1) for p in problems[:8]))
+                              + "; ".join(p.replace("$", where, 1) for p in problems[:8]), param=where)
 
 
 class _Timing:

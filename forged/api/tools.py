@@ -171,8 +171,9 @@ class GenericFormat(ToolFormat):
 
     def template_inputs(self, messages: list[dict[str, Any]], request: ToolRequest | None,
                         response_schema: dict[str, Any] | None) -> TemplateInputs:
-        out = [_plain_message(m) for m in messages]
-        if request is not None and request.active:
+        active = request is not None and request.active
+        out = [_plain_message(m, as_json=active) for m in messages]
+        if active:
             prompt = _generic_prompt(request, response_schema)
             if out[0]["role"] == "system":
                 out[0] = dict(out[0], content=f"{out[0]['content']}\n\n{prompt}")
@@ -284,22 +285,29 @@ def _generic_prompt(request: ToolRequest, response_schema: dict[str, Any] | None
     else:
         answer = '{"response": "<your answer>"}' if response_schema is None else \
             '{"response": <your answer, as JSON that follows this schema: ' + json.dumps(response_schema) + ">}"
-        lines.append(f"To call tools, answer with JSON: {call}\nTo answer directly, answer with JSON: {answer}")
+        lines.append(f"To call tools, answer with JSON: {call}\nTo answer directly, or once a tool has returned "
+                     f"what you need, answer with JSON: {answer}")
     return "\n".join(lines)
 
 
-def _plain_message(message: dict[str, Any]) -> dict[str, Any]:
-    """A message as a template without tool support can render it: text content only. Calls and
-    results are written in the generic format's JSON."""
+def _plain_message(message: dict[str, Any], as_json: bool) -> dict[str, Any]:
+    """A message as a template without tool support can render it: text content only. Earlier calls
+    are written in the generic format's JSON while tools are offered (the model answers in kind), as
+    a sentence when they are not (it would answer in that JSON too); results always as a sentence."""
     role = message["role"]
     if role == "tool":
-        result = {"tool_response": {"name": message.get("name"), "tool_call_id": message["tool_call_id"],
-                                    "content": message["content"]}}
-        return {"role": "user", "content": json.dumps(result, ensure_ascii=False)}
+        # Plain text: given JSON here, a small model answers in that JSON rather than in words. No call
+        # id either: a random id in the prompt makes a small model's answer change from run to run.
+        name = message.get("name") or "the tool"
+        return {"role": "user", "content": f"{name} returned: {message['content']}"}
     if role == "assistant" and message.get("tool_calls"):
         calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
                  for c in message["tool_calls"]]
-        text = json.dumps({"tool_calls": calls}, ensure_ascii=False)
+        if as_json:
+            text = json.dumps({"tool_calls": calls}, ensure_ascii=False)
+        else:
+            text = " ".join(f"I called {c['name']} with {json.dumps(c['arguments'], ensure_ascii=False)}."
+                            for c in calls)
         content = message.get("content")
         return {"role": "assistant", "content": f"{content}\n{text}" if content else text}
     return {"role": role, "content": message.get("content") or ""}

@@ -26,22 +26,24 @@ class EngineError(Exception):
 class RequestRejected(Exception):
     """A request the engine can never run as asked (too long, bad parameters). Maps to HTTP 400."""
 
-    def __init__(self, message: str, code: str = "invalid_request") -> None:
+    def __init__(self, message: str, code: str = "invalid_request", param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.param = param
 
 
 def context_overflow(prompt: int, max_tokens: int, context: int) -> RequestRejected:
-    """A prompt (plus max_tokens) longer than the context, in OpenAI's own words: LangChain and
-    litellm recognise "This model's maximum context length is" and raise their context-window
-    errors, so that their fallbacks (trimming, a larger model) run."""
+    """A prompt (plus max_tokens) longer than the context, in OpenAI's own words, so that client
+    libraries raise their context-window errors and their fallbacks (trimming, a larger model) run:
+    litellm recognises "This model's maximum context length is", LangChain the code's name in the
+    message (the openai client's exception text carries only the message, not the code)."""
     if prompt >= context:
         asked = f"{prompt} tokens in the prompt alone"
     else:
         asked = f"{prompt + max_tokens} tokens ({prompt} in the prompt, {max_tokens} in the completion)"
     return RequestRejected(f"This model's maximum context length is {context} tokens. However, you requested "
-                           f"{asked}. Please reduce the length of the prompt or the completion (max_tokens).",
-                           "context_length_exceeded")
+                           f"{asked}. Please reduce the length of the prompt or of max_tokens "
+                           f"(context_length_exceeded).", "context_length_exceeded")
 
 
 @dataclass(frozen=True)

@@ -491,7 +491,8 @@ class TrtLlmEngine(Engine):
         refused = [name for name, asked in (("logprobs", sp.logprobs is not None), ("logit_bias", bool(sp.logit_bias)),
                                             (f"n: {request.n}", request.n > self.max_choices)) if asked]
         if refused:
-            raise RequestRejected(f"the tensorrt_llm engine does not serve {', '.join(refused)} yet")
+            raise RequestRejected(f"the tensorrt_llm engine does not serve {', '.join(refused)} yet",
+                                  param=refused[0].split(":")[0])
         if sp.constraint is not None:
             self._guided(sp.constraint)  # refuses what guided decoding cannot take
         prompt = len(request.prompt_tokens)

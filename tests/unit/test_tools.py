@@ -134,9 +134,12 @@ def test_generic_prompt_puts_tools_in_the_system_message_and_history_in_json() -
     assert '"get_weather"' in rendered[0]["content"]
     assert json.loads(rendered[2]["content"]) == {"tool_calls": [{"name": "get_weather",
                                                                   "arguments": {"city": "Oslo"}}]}
-    assert rendered[3]["role"] == "user"
-    assert json.loads(rendered[3]["content"])["tool_response"]["content"] == "rain"
+    assert rendered[3] == {"role": "user", "content": "get_weather returned: rain"}
     assert all(isinstance(m["content"], str) for m in rendered)
+    # Without tools on offer, the earlier call is told in words: in JSON the model answers in JSON.
+    plain, _ = GENERIC.template_inputs(messages, None, None)
+    assert plain[2]["content"] == 'I called get_weather with {"city": "Oslo"}.'
+    assert plain[0]["content"] == "Be brief."
 
 
 def test_generic_constraint_moves_each_tools_defs_apart() -> None:
@@ -169,7 +172,7 @@ def test_hermes_constrains_only_forced_choices() -> None:
     forced = HERMES.constraint(tools_of(tools=[WEATHER], tool_choice="required"), None)
     assert forced is not None and (forced.before, forced.after, forced.max_items) == \
         ("<tool_call>\n", "\n</tool_call>\n", None)
-    messages, template_tools = HERMES.template_inputs([{"role": "user", "content": "hi"}],
+    _, template_tools = HERMES.template_inputs([{"role": "user", "content": "hi"}],
                                                       tools_of(tools=[WEATHER]), None)
     assert template_tools == [WEATHER]
 

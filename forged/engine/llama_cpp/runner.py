@@ -324,12 +324,12 @@ class LlamaCppEngine(Engine):
         if request.n > self.max_choices:
             raise RequestRejected(f"n is {request.n}, but the llama_cpp engine generates one choice per request "
                                   f"until it can fork a sequence after its prefill; send n: 1, or {request.n} "
-                                  f"requests")
+                                  f"requests", param="n")
         sp = request.sampling
         bad = next((t for t, _ in sp.logit_bias if not 0 <= t < n_vocab), None)
         if bad is not None:
             raise RequestRejected(f"logit_bias names token id {bad}, which is not in this model's vocabulary "
-                                  f"(0..{n_vocab - 1})")
+                                  f"(0..{n_vocab - 1})", param="logit_bias")
         if sp.constraint is not None:
             # Compiled here, on the tokenizer pool: the step thread then finds it cached.
             grammar = ll.llama_sampler_init_grammar(self._llama.vocab, to_gbnf(sp.constraint).encode(), b"root")
