@@ -20,7 +20,7 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 FIELDS = {
     "system": {"name"}, "developer": {"name"}, "user": {"name"},
     "assistant": {"name", "tool_calls", "refusal"},
-    "tool": {"tool_call_id"},
+    "tool": {"tool_call_id", "name"},
 }
 
 
@@ -68,7 +68,7 @@ def parse_messages(messages: Any) -> list[dict[str, Any]]:
                 raise BadRequest(f"{where}.tool_call_id is required for a tool message", f"{where}.tool_call_id")
             parsed["tool_call_id"] = call_id
             if call_id in calls:
-                parsed["name"] = calls[call_id]
+                parsed["name"] = calls[call_id]  # the function the call named, before any name sent here
         out.append(parsed)
     return out
 

@@ -340,7 +340,7 @@ async def _stream(request: web.Request, state: ServiceState, ticket: Ticket, par
 
     builders = plan.builders(parsed)
     for builder in builders:
-        for choice in builder.opening():
+        for choice in builder.opening(parsed.return_token_ids):
             await response.write(chunk([choice]))
     remaining = len(builders)
     while remaining:

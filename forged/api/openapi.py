@@ -65,7 +65,7 @@ _MESSAGE = {"anyOf": [
     _message({"const": "assistant"}, ["tool_calls"], content=_NULL, name=_STRING_OR_NULL, refusal=_NULL,
              tool_calls={"type": "array", "items": _TOOL_CALL, "minItems": 1}),
     _message({"const": "tool"}, ["content", "tool_call_id"], content=_CONTENT,
-             tool_call_id={"type": "string", "minLength": 1}),
+             tool_call_id={"type": "string", "minLength": 1}, name=_STRING_OR_NULL),
 ]}
 _TOOL = {"type": "object", "required": ["type", "function"], "additionalProperties": False, "properties": {
     "type": {"const": "function"},

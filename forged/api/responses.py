@@ -37,14 +37,19 @@ class ChoiceBuilder:
 
     # ------------------------------------------------------------ streaming
 
-    def opening(self) -> list[dict[str, Any]]:
+    def opening(self, token_ids: bool = False) -> list[dict[str, Any]]:
         """What a stream sends for this choice before any token: the role (chat), the echo (completions)."""
         if self.kind == "chat":
-            return [self._chunk({"role": "assistant", "content": ""})]
-        return [self._chunk(self.echo)] if self.echo else []
+            chunks = [self._chunk({"role": "assistant", "content": ""})]
+        else:
+            chunks = [self._chunk(self.echo)] if self.echo else []
+        for chunk in chunks if token_ids else ():
+            chunk["token_ids"] = []
+        return chunks
 
     def feed(self, event: TokenEvent, token_ids: bool = False) -> list[dict[str, Any]]:
-        """The stream choices for one event (the finish, when it is the last, included)."""
+        """The stream choices for one event (the finish, when it is the last, included). With
+        `token_ids` every chunk carries them: the event's in its first chunk."""
         self.token_ids.extend(event.token_ids)
         self.logprobs.extend(event.logprobs)
         content, calls = self.parser.feed(event.text)
@@ -67,6 +72,8 @@ class ChoiceBuilder:
                 chunks.append(self._chunk({} if self.kind == "chat" else "", self.finish_reason))
             else:
                 chunks[-1]["finish_reason"] = self.finish_reason
+        for chunk in chunks if token_ids else ():
+            chunk.setdefault("token_ids", [])
         return chunks
 
     def _pieces(self, content: str, calls: list[ToolCall]) -> list[dict[str, Any]]:

@@ -177,8 +177,10 @@ def _raise_template_error(message: str) -> None:
     raise jinja2.TemplateError(message)
 
 
-def _tojson(value: Any, indent: int | None = None) -> markupsafe.Markup:
-    return markupsafe.Markup(json.dumps(value, ensure_ascii=False, indent=indent))
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> markupsafe.Markup:
+    return markupsafe.Markup(json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                                        sort_keys=sort_keys))
 
 
 def read_metadata(model: Any, skip_prefix: str | None = None) -> dict[str, str]:
