@@ -10,8 +10,12 @@ of the chain and checked the way llama.cpp's common sampler does it: the chain p
 the unconstrained logits, the grammar checks that one token, and only when it refuses is the
 grammar applied to the candidates and the chain run again. Applying a grammar means decoding and
 matching every candidate's text, about 49k of them for SmolLM2 (262k for Gemma 3), once per token;
-the check costs one. Greedy requests go further: the grammar is applied to the 256 most likely
-tokens first, and to the whole vocabulary only when none of those is allowed.
+the check costs one. forged goes further than llama.cpp before paying that: greedy requests apply
+the grammar to the 256 most likely tokens first (exact: the most likely allowed token is among
+them whenever any of them is allowed), and sampled requests draw up to SAMPLED_DRAWS times (each
+draw refused by the grammar is rejection sampling: without top-k/top-p/min-p the accepted draw
+follows exactly the grammar-masked distribution; with them, the same approximation llama.cpp's
+first draw makes). The whole vocabulary goes through the grammar only when those fail.
 The step loop samples its sequences one after another, so what a grammar costs is added to the
 step of every other sequence in the batch; docs/benchmarks.md has the measurement.
 
@@ -38,6 +42,7 @@ from forged.engine.llama_cpp.grammar import to_gbnf
 # llama_token_data: {int32 id; float logit; float p}
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
 GREEDY_GRAMMAR_CANDIDATES = 256
+SAMPLED_DRAWS = 4
 
 
 @dataclass(frozen=True)
@@ -84,14 +89,7 @@ class Sampler:
         if not row:
             raise EngineError(f"libllama has no logits for batch position {idx}")
         logits = np.ctypeslib.as_array(row, shape=(self.n_vocab,))
-        if self._chain is None:  # greedy, with a grammar or logprobs only
-            token = int(logits.argmax())
-            if self._grammar and not self._allows(token):
-                token = self._greedy_in_grammar(logits)
-        else:
-            token = self._run_chain(logits, grammar=False)
-            if self._grammar and not self._allows(token):
-                token = self._run_chain(logits, grammar=True)
+        token = self.choose(logits)
         if self._grammar:
             if not self._allows(token):  # never hand a grammar a token it refused (see the docstring)
                 raise EngineError(f"sampled token {token} is not allowed by the request's grammar")
@@ -99,6 +97,20 @@ class Sampler:
         if self._chain:
             ll.llama_sampler_accept(self._chain, token)  # the penalties count what was generated
         return self._with_logprobs(logits, token)
+
+    def choose(self, logits: np.ndarray) -> int:
+        """The next token for this logits row, accepted by nothing yet (sample() does that)."""
+        if self._chain is None:  # greedy, with a grammar or logprobs only
+            token = int(logits.argmax())
+            if self._grammar and not self._allows(token):
+                token = self._greedy_in_grammar(logits)
+            return token
+        token = self._run_chain(logits, grammar=False)
+        draws = SAMPLED_DRAWS if self.greedy else 1  # a greedy chain would only draw the same token again
+        while self._grammar and not self._allows(token):
+            token = self._run_chain(logits, grammar=draws >= SAMPLED_DRAWS)
+            draws += 1
+        return token
 
     def free(self) -> None:
         for name in ("_grammar", "_chain"):
