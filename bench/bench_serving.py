@@ -309,7 +309,8 @@ def kv_memory(context: int = 4096, sessions: int = 4) -> dict[str, Any]:
     with a 64-token context (everything else equal), divided by the sessions. The engine's own
     figure (/v1/status kv_cache.bytes) is shown beside it.
     """
-    from forged.engine.kv import LLAMA_CPP_DTYPE_BYTES, shape_from_path
+    from forged.engine.kv import LLAMA_CPP_DTYPE_BYTES
+    from forged.engine.shapes import shape_from_path
     shape = shape_from_path(model())
     out = {}
 

@@ -1,9 +1,10 @@
 """Session and queue guards.
 
-A request becomes a *session* when a session slot is free and the engine has reserved its KV
-blocks. Until then it waits in the *queue*, strictly FIFO. When the queue is full the request is
-refused at once with 503 "Queue full" and a Retry-After computed from the measured drain rate.
-A preempted session goes back to the head of the queue and resumes when re-admitted.
+A request becomes a *session* when a session slot is free and the engine says it has room for its
+KV (cached prefix blocks count as free). Until then it waits in the *queue*, strictly FIFO. When the
+queue is full the request is refused at once with 503 "Queue full" and a Retry-After computed from
+the measured drain rate. The KV itself belongs to the engine's scheduler: a preempted session stays
+a session, waiting inside the engine to resume, and the engine tells admission when room frees up.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class Ticket:
     started: float | None = None
     done: bool = False
     predicted_ttft_s: float | None = None
+    # Prompt tokens the engine expected to compute when the request arrived (not found cached).
+    to_prefill: int = 0
 
     @property
     def request_id(self) -> str:
@@ -79,8 +82,8 @@ class Admission:
         if self.draining:
             self.metrics.reject("shutting_down")
             raise Refused(503, "shutting_down", "forged is shutting down", retry_after=self._retry_after())
-        ticket = Ticket(request=request, arrived=time.monotonic())
-        predicted = self.predict_ttft(request)
+        ticket = Ticket(request=request, arrived=time.monotonic(), to_prefill=self._to_prefill(request))
+        predicted = self.predict_ttft(ticket.to_prefill)
         if predicted is not None and received is not None:
             predicted += ticket.arrived - received
         ticket.predicted_ttft_s = predicted
@@ -124,12 +127,10 @@ class Admission:
         self._pump()
 
     def on_preempted(self, request_id: str) -> None:
-        ticket = self.sessions.pop(request_id, None)
-        if ticket is None or ticket.done:
-            return
-        self.metrics.preemptions.inc()
-        self.queue.appendleft(ticket)
-        self._pump()
+        """The engine preempted a session to free KV: it stays a session (the engine resumes it
+        first, before anything admitted later); only the count moves."""
+        if request_id in self.sessions:
+            self.metrics.preemptions.inc()
 
     # ------------------------------------------------------------ control
 
@@ -158,7 +159,7 @@ class Admission:
     def _try_start(self, ticket: Ticket) -> bool:
         if len(self.sessions) >= self.limits.max_sessions:
             return False
-        if not self.engine.try_reserve(ticket.request_id, self.engine.blocks_needed(ticket.request)):
+        if not self.engine.has_room_for(ticket.request):
             return False
         self.sessions[ticket.request_id] = ticket
         self._idle.clear()
@@ -175,7 +176,7 @@ class Admission:
         if not self.queue and not self.sessions:
             self._idle.set()
 
-    def predict_ttft(self, request: GenerationRequest) -> float | None:
+    def predict_ttft(self, to_prefill: int) -> float | None:
         """Seconds until this request's first token, from the measured prefill rate and the prompt
         tokens ahead of it (running sessions' unfinished prefill and the queue), plus the wait for a
         session when all are taken. None before the engine has measured anything."""
@@ -183,11 +184,15 @@ class Admission:
         rate = stats.prefill_tokens_per_s
         if rate <= 0:
             return None
-        ahead = stats.prefill_backlog_tokens + sum(len(t.request.prompt_tokens) for t in self.queue)
+        ahead = stats.prefill_backlog_tokens + sum(t.to_prefill for t in self.queue)
         slots_short = len(self.queue) + 1 - (self.limits.max_sessions - len(self.sessions))
         drain = self._drain_rate()
         wait_for_session = slots_short / drain if slots_short > 0 and drain else 0.0
-        return max(ahead / rate, wait_for_session) + len(request.prompt_tokens) / rate
+        return max(ahead / rate, wait_for_session) + to_prefill / rate
+
+    def _to_prefill(self, request: GenerationRequest) -> int:
+        """The prompt tokens the engine will really compute: those its prefix cache lacks."""
+        return len(request.prompt_tokens) - self.engine.expected_cached_tokens(request.prompt_tokens)
 
     def _drain_rate(self) -> float:
         """Sessions finished per second over the last DRAIN_WINDOW_S. Before two have finished, it is
@@ -203,7 +208,7 @@ class Admission:
             # Nothing finished yet: expect each session to last its prompt's prefill plus its
             # max_tokens at this engine's per-sequence decode rate.
             per_sequence = stats.decode_tokens_per_s / max(stats.running, 1)
-            mean = sum(len(t.request.prompt_tokens) / stats.prefill_tokens_per_s
+            mean = sum(t.to_prefill / stats.prefill_tokens_per_s
                        + t.request.sampling.max_tokens / per_sequence for t in self.sessions.values())
             return len(self.sessions) ** 2 / max(mean, 1e-3)
         if self.sessions:

@@ -115,6 +115,10 @@ class EngineLevers:
     free_gpu_memory_fraction: float = field(0.9, lo=0.01, hi=1.0)
     # Hard cap on KV tokens (TensorRT-LLM's KvCacheConfig.max_tokens); the smaller of the two wins.
     kv_cache_max_tokens: int | None = field(None, lo=64)
+    # Bytes of host RAM that may keep KV evicted from the GPU, to restore it on a later hit
+    # (KvCacheConfig.host_cache_size). Discrete GPUs only: on unified memory (Jetson) and CPU boxes
+    # it would copy memory into itself, and forged leaves it off there.
+    host_cache_size: int | None = field(None, lo=0)
 
 
 @dataclass(frozen=True)
@@ -148,10 +152,14 @@ class LlamaCppOptions:
     n_threads: int = field(0, lo=0, hi=1024)
     n_gpu_layers: int = field(0, lo=-1, hi=10_000)
     n_ubatch: int = field(512, lo=1, hi=65536)
-    # true: one KV pool shared by every session (blocks on demand, preemption; attention scans the
-    # whole pool, cheap for short contexts). false: a full-context stream per session (attention
-    # sees only its own cells, the fast choice for many long contexts; memory = sessions x context).
-    kv_unified: bool = True
+    # false (the default): a full-context KV stream per session; attention reads only the stream's own
+    # cells, so one stream decodes as fast however many sessions the profile has, and an idle stream
+    # keeps its last conversation as the prefix cache. Memory = sessions x context. true: one pool
+    # shared by every session (blocks on demand, preemption, more cached prefixes in less memory);
+    # attention scans the whole used part of the pool, which makes every step slower as it fills.
+    kv_unified: bool = False
+    # Keep finished sequences' KV and reuse it for prompts that start with the same tokens.
+    prefix_cache: bool = True
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0)
@@ -33,8 +33,12 @@ class LiveState:
     target_ttft_p99_ms: float
     kv_blocks_total: int
     kv_blocks_used: int
+    kv_blocks_cached: int
     memory_used_bytes: int
     memory_total_bytes: int
+    # The engine's own running totals (prompt tokens); None when it cannot say.
+    prefix_cache_queries: int | None = None
+    prefix_cache_hits: int | None = None
 
 
 class _LiveCollector(Collector):
@@ -60,11 +64,20 @@ class _LiveCollector(Collector):
         yield _gauge("forge_gpu_memory_used_bytes", "Memory in use on the engine's device (system RAM "
                      "on CPU and unified-memory machines: MemTotal - MemAvailable).", state.memory_used_bytes)
         yield _gauge("forge_gpu_memory_total_bytes", "Memory of the engine's device.", state.memory_total_bytes)
-        blocks = GaugeMetricFamily("forge_kv_cache_blocks", "KV cache blocks by state.", labels=["state"])
+        blocks = GaugeMetricFamily("forge_kv_cache_blocks", "KV cache blocks by state: used (held or reserved by "
+                                   "running sequences), cached (held only by the prefix cache, reclaimed on "
+                                   "demand), free; and their total.", labels=["state"])
         blocks.add_metric(["total"], state.kv_blocks_total)
         blocks.add_metric(["used"], state.kv_blocks_used)
-        blocks.add_metric(["free"], state.kv_blocks_total - state.kv_blocks_used)
+        blocks.add_metric(["cached"], state.kv_blocks_cached)
+        blocks.add_metric(["free"], state.kv_blocks_total - state.kv_blocks_used - state.kv_blocks_cached)
         yield blocks
+        if state.prefix_cache_queries is not None:
+            # The engine keeps these totals; exposed as counters, read at scrape time.
+            yield CounterMetricFamily("forge_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      value=state.prefix_cache_queries)
+            yield CounterMetricFamily("forge_prefix_cache_hits", "Prompt tokens found in the prefix cache (their KV "
+                                      "was reused, not computed).", value=state.prefix_cache_hits or 0)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

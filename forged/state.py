@@ -55,6 +55,9 @@ class ServiceState:
             target_ttft_p99_ms=self.profile.targets.ttft_p99_ms,
             kv_blocks_total=stats.kv_blocks_total,
             kv_blocks_used=stats.kv_blocks_used,
+            kv_blocks_cached=stats.kv_blocks_cached,
             memory_used_bytes=memory.used_bytes,
             memory_total_bytes=memory.total_bytes,
+            prefix_cache_queries=stats.prefix_cache_queries,
+            prefix_cache_hits=stats.prefix_cache_hits,
         )

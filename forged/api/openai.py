@@ -172,8 +172,11 @@ class _Timing:
         self.first: float | None = None
         self.last: float | None = None
         self.tokens = 0
+        self.cached_tokens = 0
 
     def on_event(self, event: TokenEvent) -> None:
+        if event.cached_tokens is not None:
+            self.cached_tokens = event.cached_tokens
         if not event.token_ids:
             return
         now = time.monotonic()
@@ -198,10 +201,11 @@ class _Timing:
             self.window.add_tps(tps)
 
 
-def _usage(ticket: Ticket, completion_tokens: int) -> dict[str, int]:
+def _usage(ticket: Ticket, timing: _Timing) -> dict[str, Any]:
     prompt = len(ticket.request.prompt_tokens)
-    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
-            "total_tokens": prompt + completion_tokens}
+    return {"prompt_tokens": prompt, "completion_tokens": timing.tokens, "total_tokens": prompt + timing.tokens,
+            # OpenAI's field for prompt tokens served from the prefix cache (their KV was reused).
+            "prompt_tokens_details": {"cached_tokens": timing.cached_tokens}}
 
 
 def _engine_error(event: TokenEvent) -> web.Response:
@@ -240,7 +244,7 @@ async def _collect(request: web.Request, state: ServiceState, ticket: Ticket, pa
                               "shutting_down"), outcome
     text = "".join(parts)
     base = {"id": ticket.request_id, "created": int(time.time()), "model": state.model_id,
-            "usage": _usage(ticket, timing.tokens)}
+            "usage": _usage(ticket, timing)}
     if kind == "chat":
         choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
                                   "logprobs": None, "finish_reason": event.finish_reason}
@@ -308,7 +312,7 @@ async def _stream(request: web.Request, state: ServiceState, ticket: Ticket, par
     timing.finish()
     if parsed.include_usage:
         usage = {"id": ticket.request_id, "object": obj, "created": created, "model": state.model_id,
-                 "choices": [], "usage": _usage(ticket, timing.tokens)}
+                 "choices": [], "usage": _usage(ticket, timing)}
         await response.write(b"data: " + json.dumps(usage).encode() + b"\n\n")
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()

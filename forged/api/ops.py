@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from forged.api.openai import STATE, WINDOW
 from forged.api.requests import BadRequest
-from forged.engine.base import EngineError, Fault
+from forged.engine.base import EngineError, EngineStats, Fault
 from forged.schema import to_plain
 from forged.state import ServiceState
 from forged.systemd import watchdog_interval
@@ -77,11 +77,23 @@ def status_document(state: ServiceState) -> dict[str, Any]:
                      "memory_warning": state.memory_warning},
         "queue": {"depth": live.queue_depth if live else 0, "max": live.max_queue_depth if live else 0},
         "kv_cache": {"blocks_total": stats.kv_blocks_total, "blocks_used": stats.kv_blocks_used,
-                     "blocks_free": stats.kv_blocks_free, "tokens_per_block": stats.tokens_per_block,
+                     "blocks_cached": stats.kv_blocks_cached,
+                     "blocks_free": stats.kv_blocks_free,
+                     "tokens_per_block": stats.tokens_per_block,
                      "cells_used": stats.kv_cells_used, "bytes": stats.kv_cache_bytes,
                      "dtype": state.profile.tensorrt_llm.kv_cache_dtype,
                      "policy": state.profile.tensorrt_llm.scheduler_policy},
+        "prefix_cache": _prefix_cache(stats),
     }
+
+
+def _prefix_cache(stats: EngineStats) -> dict[str, Any] | None:
+    """Prompt tokens looked up and found since start, and the share found (None before any)."""
+    if stats.prefix_cache_queries is None:
+        return None
+    queries, hits = stats.prefix_cache_queries, stats.prefix_cache_hits or 0
+    return {"queries_tokens": queries, "hits_tokens": hits,
+            "hit_rate": round(hits / queries, 4) if queries else None, **stats.prefix_cache_detail}
 
 
 async def status(request: web.Request) -> web.Response:

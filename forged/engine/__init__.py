@@ -16,6 +16,7 @@ the other (libllama, or TensorRT-LLM and torch).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,15 +62,24 @@ def create_engine(loaded: LoadedConfig, profile_name: str, profile: Profile, har
             log.warning("model.path %s is not a GGUF file; llama_cpp serves the default model instead",
                         settings.path)
             settings = ModelSettings()
-    return EngineChoice(_llama_cpp(profile, settings, state_dir, memory_available), note)
+    return EngineChoice(_llama_cpp(profile, settings, state_dir, memory_available, hardware), note)
 
 
 def _llama_cpp(profile: Profile, settings: ModelSettings, state_dir: Path,
-               memory_available: Callable[[], int]) -> Engine:
+               memory_available: Callable[[], int], hardware: HardwareInfo) -> Engine:
+    from forged.engine.llama_cpp.engine import LlamaCppEngine
     from forged.engine.llama_cpp.model import check_gguf
-    from forged.engine.llama_cpp.runner import LlamaCppEngine
     from forged.models import resolve_model
 
     model_path, model_name = resolve_model(settings, state_dir)
     check_gguf(model_path)  # fail before opening listeners: one line naming the file
-    return LlamaCppEngine(profile, model_path, model_name, memory_available=memory_available)
+    # The host-RAM tier of the prefix cache only pays where the KV lives in separate GPU memory.
+    discrete = hardware.kind == "gpu" and not hardware.unified_memory and profile.llama_cpp.n_gpu_layers != 0
+    return LlamaCppEngine(profile, model_path, model_name, memory_available=memory_available,
+                          host_tier=discrete or _test_host_tier())
+
+
+def _test_host_tier() -> bool:
+    """Test hook (FORGED_TEST_HOOKS=1 and FORGED_TEST_HOST_TIER=1): allow the host-RAM tier on a CPU
+    box, so that its real save and restore run in the integration tests."""
+    return os.environ.get("FORGED_TEST_HOOKS") == "1" and os.environ.get("FORGED_TEST_HOST_TIER") == "1"

@@ -245,6 +245,8 @@ def translate(profile_name: str, profile: Profile, model: str, trt: Any, *, max_
                        f"size of {BUILTIN_TOKENS_PER_BLOCK} tokens, not {levers.tokens_per_block}; set "
                        f"tokens_per_block: {BUILTIN_TOKENS_PER_BLOCK} or install 1.1 or later", where)
     kv_put("enable_block_reuse", True, "(forged) prefix reuse across requests")
+    if levers.host_cache_size:
+        kv_put("host_cache_size", levers.host_cache_size, "tensorrt_llm.host_cache_size")
     if levers.kv_cache_max_tokens:
         kv_put("max_tokens", levers.kv_cache_max_tokens, "tensorrt_llm.kv_cache_max_tokens")
 
@@ -338,6 +340,10 @@ class _KvView:
     free_blocks: int = 0
     used_blocks: int = 0
     tokens_per_block: int = 0
+    # kvCacheStats' running totals of prompt blocks reused from and missed in the block-reuse cache;
+    # None while no stats carried them.
+    reused_blocks: int | None = None
+    missed_blocks: int | None = None
 
 
 class TrtLlmEngine(Engine):
@@ -484,12 +490,7 @@ class TrtLlmEngine(Engine):
             raise RequestRejected(f"the prompt has {prompt} tokens and max_tokens is {request.sampling.max_tokens}, "
                                   f"{total} in all, but the whole KV cache holds {capacity} tokens")
 
-    def blocks_needed(self, request: GenerationRequest) -> int:
-        # Informational: TensorRT-LLM's own capacity scheduler reserves the blocks.
-        tpb = self._kv.tokens_per_block or self.levers.tokens_per_block
-        return math.ceil((len(request.prompt_tokens) + request.sampling.max_tokens) / tpb)
-
-    def try_reserve(self, request_id: str, blocks: int) -> bool:
+    def has_room_for(self, request: GenerationRequest) -> bool:
         # KV blocks belong to TensorRT-LLM's scheduler (GUARANTEED_NO_EVICT reserves prompt +
         # max_tokens, MAX_UTILIZATION pauses on pressure); forged's session and queue guards still
         # bound what reaches it (max_batch_size = max_concurrent_sessions).
@@ -548,7 +549,17 @@ class TrtLlmEngine(Engine):
             waiting=self._waiting if self._live else 0,
             paused=self._paused if self._live else 0,
             device_memory_used_bytes=self._gpu_mem,
+            **self._prefix_cache_tokens(),
         )
+
+    def _prefix_cache_tokens(self) -> dict[str, int]:
+        """Block reuse in forged's unit (prompt tokens): TensorRT-LLM counts blocks."""
+        kv = self._kv
+        if kv.reused_blocks is None or kv.missed_blocks is None:
+            return {}
+        tpb = kv.tokens_per_block or self.levers.tokens_per_block
+        return {"prefix_cache_queries": (kv.reused_blocks + kv.missed_blocks) * tpb,
+                "prefix_cache_hits": kv.reused_blocks * tpb}
 
     def progress(self) -> Progress:
         return Progress(steps=self._iter, pending_work=bool(self._live), last_step_monotonic=self._last_step)
@@ -730,6 +741,9 @@ class TrtLlmEngine(Engine):
             view.free_blocks = int(kv.get("freeNumBlocks", view.free_blocks) or 0)
             view.used_blocks = int(kv.get("usedNumBlocks", view.max_blocks - view.free_blocks) or 0)
             view.tokens_per_block = int(kv.get("tokensPerBlock", view.tokens_per_block) or 0)
+            if "reusedBlocks" in kv and "missedBlocks" in kv:
+                view.reused_blocks = int(kv["reusedBlocks"] or 0)
+                view.missed_blocks = int(kv["missedBlocks"] or 0)
             if (view.tokens_per_block and view.tokens_per_block != self.levers.tokens_per_block
                     and not self._tpb_warned):
                 self._tpb_warned = True

@@ -38,7 +38,7 @@ CHAOS_PROFILE = {
     "inference": {"max_concurrent_sessions": 4, "max_seq_len": 96},
     "thresholds": {"max_queue_depth": 8},
     "tensorrt_llm": {"scheduler_policy": "max_utilization", "tokens_per_block": 16, "kv_cache_max_tokens": 96},
-    "llama_cpp": {"n_threads": 1},
+    "llama_cpp": {"n_threads": 1, "kv_unified": True},  # one pool of 6 blocks for 4 sessions: preemption
 }
 # The daemon's RSS after the warm-up may grow by at most this much over the rest of the run. Weights
 # (mmap'd) and the KV cache are allocated before READY; what can still grow is the heap. About 1,600

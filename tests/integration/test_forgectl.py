@@ -29,9 +29,11 @@ SMALL_BENCH = ["--users", "3", "--prompt-tokens", "50", "--max-tokens", "8", "--
 BAD_PROFILE = {"tensorrt_llm": {"kv_cache_dtype": "fp32", "use_paged_kv_cache": False,
                                 "enable_chunked_context": False, "max_num_tokens": 64},
                "thresholds": {"max_queue_depth": 1000}}
+# One unified pool, smaller than the sessions' contexts: the KV cache, not the guard, is the limit.
 TINY_KV = {"inference": {"max_concurrent_sessions": 3, "max_seq_len": 256},
            "tensorrt_llm": {"kv_cache_max_tokens": 256, "tokens_per_block": 16, "max_num_tokens": 256,
-                            "scheduler_policy": "max_utilization"}}
+                            "scheduler_policy": "max_utilization"},
+           "llama_cpp": {"kv_unified": True}}
 
 
 def _daemon(tmp_path_factory: pytest.TempPathFactory, model_path: Path, name: str, **kw: Any) -> Iterator[Daemon]:
@@ -79,7 +81,7 @@ def test_status_over_socket_and_tcp(shared_daemon: Daemon, capsys: pytest.Captur
     rc, out, _ = ctl(capsys, shared_daemon, "status", socket=True)
     assert rc == 0
     for text in ("profile cpu", "hardware  cpu:", "model     gemma-3-270m-q4_k_m", "KV fp16", "sessions  0/4",
-                 "queue 0/8", "ttft_p99_ms", "target 5000"):
+                 "queue 0/8", "ttft_p99_ms", "target 5000", "cached", "prompt tokens found cached"):
         assert text in out, out
     rc, doc = ctl_json(capsys, shared_daemon, "status")
     assert rc == 0 and doc["status"]["profile"]["name"] == "cpu"
@@ -119,7 +121,8 @@ def test_bench_reports_against_targets(bench_a: Path, shared_daemon: Daemon) -> 
     assert checks["rejected_503"]["met"] is True
     # The profile and the engine config travel with the results, for --compare.
     assert doc["daemon"]["profile"]["tensorrt_llm"]["max_num_tokens"] == 128
-    assert doc["daemon"]["engine_config"]["llama_context_params"]["n_batch"] == 128
+    # A step holds max_num_tokens while anything decodes, a whole ubatch when nothing does.
+    assert doc["daemon"]["engine_config"]["llama_context_params"]["n_batch"] == 512
 
 
 def test_bench_ttft_agrees_with_the_daemons_histogram(bench_a: Path) -> None:
