@@ -32,9 +32,17 @@ class LiveState:
     max_queue_depth: int
     target_ttft_p99_ms: float
     kv_blocks_total: int
+    # Blocks held by sessions. Cached blocks (prefix cache) are not used: allocation takes them back
+    # before it waits, so they are free capacity for every reader of this figure.
     kv_blocks_used: int
     memory_used_bytes: int
     memory_total_bytes: int
+    kv_tokens_per_block: int = 0
+
+    @property
+    def kv_usage_ratio(self) -> float:
+        """Blocks in use / all blocks, 0..1: the inference gateway's KV-cache utilisation."""
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
 class _LiveCollector(Collector):
@@ -65,6 +73,16 @@ class _LiveCollector(Collector):
         blocks.add_metric(["used"], state.kv_blocks_used)
         blocks.add_metric(["free"], state.kv_blocks_total - state.kv_blocks_used)
         yield blocks
+        # For routers in front of a fleet (the Kubernetes inference gateway's model-server protocol,
+        # docs/scaling.md): its KVCacheUtilization (a 0..1 gauge; forge_queue_depth and
+        # forge_active_sessions are its queued and running requests) and its optional block size.
+        yield _gauge("forge_kv_cache_usage_ratio", "KV cache blocks held by sessions / all blocks (0..1); "
+                     "cached prefix blocks count as free.", state.kv_usage_ratio)
+        config = GaugeMetricFamily("forge_kv_cache_config_info", "The KV cache's shape in labels (value 1): "
+                                   "block_size in tokens, num_gpu_blocks in all.",
+                                   labels=["block_size", "num_gpu_blocks"])
+        config.add_metric([str(state.kv_tokens_per_block), str(state.kv_blocks_total)], 1)
+        yield config
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -55,6 +55,7 @@ class ServiceState:
             target_ttft_p99_ms=self.profile.targets.ttft_p99_ms,
             kv_blocks_total=stats.kv_blocks_total,
             kv_blocks_used=stats.kv_blocks_used,
+            kv_tokens_per_block=stats.tokens_per_block,
             memory_used_bytes=memory.used_bytes,
             memory_total_bytes=memory.total_bytes,
         )
