@@ -94,3 +94,13 @@ def test_gateway_gauges_follow_the_kv_blocks_in_use(shared_daemon: Daemon) -> No
     blocks_used = _value(during, 'forge_kv_cache_blocks{state="used"}')
     assert blocks_used > 0
     assert _value(during, "forge_kv_cache_usage_ratio") == blocks_used / kv["blocks_total"]
+
+
+def test_status_and_engine_config_say_where_the_model_is(shared_daemon: Daemon) -> None:
+    """On this CPU box no GPU holds the model: /v1/status says so, the memory gauges are system RAM
+    (above), and libllama got no split (tests/unit/test_gpus.py covers several GPUs)."""
+    placement = shared_daemon.status()["placement"]
+    assert placement == {"engine": "llama_cpp", "split_mode": None, "main_gpu": None, "shares_from": None,
+                         "gpus": []}
+    config = shared_daemon.get("/v1/tensorrt-llm/config")
+    assert config["llama_model_params"] == {"n_gpu_layers": 0}

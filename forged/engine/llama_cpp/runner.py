@@ -45,6 +45,7 @@ from forged.engine.llama_cpp.faults import FaultInjector
 from forged.engine.llama_cpp.model import LlamaModel
 from forged.engine.llama_cpp.scheduler import Slice, plan_step
 from forged.engine.llama_cpp.text import StopMatcher, StreamDecoder
+from forged.gpus import Placement
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,10 @@ class LlamaCppEngine(Engine):
     name = "llama_cpp"
 
     def __init__(self, profile: Profile, model_path: Path, model_name: str,
-                 memory_available: Callable[[], int]) -> None:
+                 memory_available: Callable[[], int], placement: Placement | None = None) -> None:
         self.profile = profile
         self._memory_available = memory_available
+        self.placement = placement or Placement(self.name)
         self.kv: KvSizing | None = None
         self.kv_shape: KvShape | None = None
         self.levers = profile.tensorrt_llm
@@ -134,6 +136,7 @@ class LlamaCppEngine(Engine):
         self._batch: Any = None
         self.allocator: BlockAllocator | None = None
         self._context_params: dict[str, Any] = {}
+        self._model_params: dict[str, Any] = {}
         self._commands: deque[tuple[str, Any]] = deque()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -164,13 +167,14 @@ class LlamaCppEngine(Engine):
     def load(self) -> None:
         opts = self.profile.llama_cpp
         available_before = self._memory_available()
-        self._llama = model = LlamaModel(self.model_path, opts.n_gpu_layers)
+        self._llama = model = LlamaModel(self.model_path, opts.n_gpu_layers, **self.placement.model_params())
         context = min(self.profile.inference.max_seq_len, model.n_ctx_train)
         sessions = self.profile.inference.max_concurrent_sessions
         n_ubatch = min(opts.n_ubatch, self.levers.max_num_tokens)
         self.kv_shape = shape_from_metadata(model.metadata, model.size_bytes)
         try:
-            self.kv = size_kv_cache(self.kv_shape, self.levers,
+            # Only the weights on the KV cache's GPUs come off their memory (forged.gpus).
+            self.kv = size_kv_cache(self.placement.kv_shape(self.kv_shape), self.levers,
                                     sessions=sessions, context=context, n_ubatch=n_ubatch,
                                     available_bytes=available_before, unified=opts.kv_unified)
         except EngineError:
@@ -216,6 +220,7 @@ class LlamaCppEngine(Engine):
             "kv_unified": opts.kv_unified, "swa_full": False, "flash_attn_type": int(params.flash_attn_type),
             "n_gpu_layers": opts.n_gpu_layers,
         }
+        self._model_params = {"n_gpu_layers": opts.n_gpu_layers, **self.placement.model_params()}
         self._warm_up()
         log.info("model %s loaded: %d params, trained context %d, serving context %d; KV %d blocks x %d "
                  "tokens = %d cells (%s, %.1f MiB; limited by %s), %d threads; prefill %.0f tok/s, "
@@ -371,6 +376,7 @@ class LlamaCppEngine(Engine):
             "engine": "llama_cpp",
             "model": str(self.model_path),
             "llama_context_params": dict(self._context_params),
+            "llama_model_params": dict(self._model_params),
             "kv_cache_dtype_mapping": {k: v[0] for k, v in KV_DTYPE_TO_GGML.items()},
             "mapping": {
                 "kv_cache_dtype": f"{self.levers.kv_cache_dtype} -> type_k/type_v "
