@@ -40,6 +40,9 @@ class HttpListener:
     # but the probes needs `Authorization: Bearer <key>` (forged/api/auth.py). Relative paths are
     # read from the config dir. Required for a host that is not loopback.
     api_keys_file: str | None = None
+    # true: GET /metrics needs no key either. For scrapers that cannot send one, such as the Kubernetes
+    # inference gateway's endpoint picker (docs/scaling.md); the gauges reveal load, never content.
+    metrics_without_key: bool = False
 
 
 @dataclass(frozen=True)

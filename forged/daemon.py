@@ -56,7 +56,8 @@ class Daemon:
         loaded = config_mod.load(self.config_dir)
         logging.getLogger().setLevel(loaded.settings.logging.level.upper())
         # Checked before anything else starts: a key file others can read is a config error (78).
-        self._api_keys = auth.load_api_keys(loaded.settings.listen.http.api_keys_file, loaded.config_dir)
+        http = loaded.settings.listen.http
+        self._api_keys = auth.load_api_keys(http.api_keys_file, loaded.config_dir, http.metrics_without_key)
         if self._api_keys.configured:
             log.info("API keys: %d from %s required on TCP", len(self._api_keys), self._api_keys.path)
         raise_open_files_limit()
