@@ -65,9 +65,11 @@ class _LiveCollector(Collector):
                      state.max_queue_depth)
         yield _gauge("forge_target_ttft_p99_ms", "The profile's TTFT P99 target in milliseconds "
                      "(alert threshold).", state.target_ttft_p99_ms)
-        yield _gauge("forge_gpu_memory_used_bytes", "Memory in use on the engine's device (system RAM "
-                     "on CPU and unified-memory machines: MemTotal - MemAvailable).", state.memory_used_bytes)
-        yield _gauge("forge_gpu_memory_total_bytes", "Memory of the engine's device.", state.memory_total_bytes)
+        yield _gauge("forge_gpu_memory_used_bytes", "Memory in use on the GPUs holding the model, summed "
+                     "(system RAM on CPU and unified-memory machines and with no layer on a GPU: MemTotal - "
+                     "MemAvailable).", state.memory_used_bytes)
+        yield _gauge("forge_gpu_memory_total_bytes", "Memory of the GPUs holding the model, summed (or "
+                     "MemTotal).", state.memory_total_bytes)
         blocks = GaugeMetricFamily("forge_kv_cache_blocks", "KV cache blocks by state.", labels=["state"])
         blocks.add_metric(["total"], state.kv_blocks_total)
         blocks.add_metric(["used"], state.kv_blocks_used)

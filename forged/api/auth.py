@@ -80,7 +80,8 @@ def load_api_keys(keys_file: str | None, config_dir: Path, metrics_without_key: 
     """The keys `listen.http.api_keys_file` names (relative paths from the config dir)."""
     if keys_file is None:
         return ApiKeys()
-    return ApiKeys(config_dir / keys_file, EXEMPT_ROUTES | {METRICS_ROUTE} if metrics_without_key else EXEMPT_ROUTES)
+    exempt = EXEMPT_ROUTES | {METRICS_ROUTE} if metrics_without_key else EXEMPT_ROUTES
+    return ApiKeys(config_dir / keys_file, exempt)
 
 
 def read_private_file(path: Path) -> str:
