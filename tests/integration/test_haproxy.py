@@ -8,8 +8,8 @@ rather than being tested half.
 What it shows (issue 17): a box that drains (SIGTERM) leaves the pool with zero failed requests; a
 box killed (SIGKILL) under load fails only the requests in flight on it, each with a clean error,
 while new ones go elsewhere at once; a box's 503 refusals are retried on another; the turns of a
-conversation (X-Session-Id) land on one box; SSE passes through unbuffered. haproxy comes from Debian's package (`scripts/bootstrap.sh --test`);
-without it these tests fail, never skip.
+conversation (X-Session-Id) land on one box; SSE passes through unbuffered. haproxy comes from
+Debian's package (`scripts/bootstrap.sh --test`); without it these tests fail, never skip.
 """
 
 from __future__ import annotations
