@@ -52,35 +52,44 @@ def free_port() -> int:
 
 
 class GpuMemorySampler:
-    """Peak used GPU memory (NVML v2) over a run, sampled every 100 ms."""
+    """Peak used GPU memory (NVML v2) over a run, sampled every 100 ms: `peaks` per visible GPU (NVML
+    order), and `peak`, the highest sum over them (GPU 0's on a one-GPU machine)."""
 
     def __init__(self) -> None:
         import pynvml
         self.nvml = pynvml
         self.peak = 0
+        self.peaks: list[int] = []
         try:
             pynvml.nvmlInit()
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
         except pynvml.NVMLError:
-            self.handle = None  # no GPU (a dry run on a CPU box): peak memory reads 0
+            self.handles = []  # no GPU (a dry run on a CPU box): peak memory reads 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def used(self) -> int:
-        if self.handle is None:
-            return 0
-        try:
-            return self.nvml.nvmlDeviceGetMemoryInfo(self.handle, version=self.nvml.nvmlMemory_v2).used
-        except self.nvml.NVMLError:
-            return self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used
+    def used(self) -> list[int]:
+        out = []
+        for handle in self.handles:
+            try:
+                out.append(self.nvml.nvmlDeviceGetMemoryInfo(handle, version=self.nvml.nvmlMemory_v2).used)
+            except self.nvml.NVMLError:
+                out.append(self.nvml.nvmlDeviceGetMemoryInfo(handle).used)
+        return out
+
+    def _sample(self) -> None:
+        used = self.used()
+        self.peaks = [max(a, b) for a, b in zip(self.peaks, used, strict=True)] if self.peaks else used
+        self.peak = max(self.peak, sum(used))
 
     def __enter__(self) -> GpuMemorySampler:
-        self.peak = self.used()
+        self.peak, self.peaks = 0, []
+        self._sample()
         self._stop.clear()
 
         def run() -> None:
             while not self._stop.is_set():
-                self.peak = max(self.peak, self.used())
+                self._sample()
                 time.sleep(0.1)
 
         self._thread = threading.Thread(target=run, daemon=True)
@@ -249,9 +258,10 @@ def notify_socket(path: Path) -> tuple[socket.socket, list[str]]:
     return sock, got
 
 
-def profile_for(name: str, users: int, prompt_tokens: int) -> dict[str, Any]:
+def profile_for(name: str, users: int, prompt_tokens: int, split_mode: str | None = None) -> dict[str, Any]:
     ctx = prompt_tokens + 256
-    common = {"engine": "llama_cpp", "llama_cpp": {"n_gpu_layers": -1, "n_ubatch": 512},
+    split = {"split_mode": split_mode} if split_mode else {}
+    common = {"engine": "llama_cpp", "llama_cpp": {"n_gpu_layers": -1, "n_ubatch": 512, **split},
               "targets": {"ttft_ms": 500, "ttft_p99_ms": 2000, "tps": 60}}
     if name == "untuned":
         return {**common, "tensorrt_llm": {"kv_cache_dtype": "fp16", "tokens_per_block": 64,
@@ -267,7 +277,7 @@ def profile_for(name: str, users: int, prompt_tokens: int) -> dict[str, Any]:
                                         "scheduler_policy": "max_utilization"},
              "inference": {"max_concurrent_sessions": users, "max_seq_len": ctx},
              "thresholds": {"max_queue_depth": 10},
-             "llama_cpp": {"n_gpu_layers": -1, "n_ubatch": 512, "kv_unified": False}}
+             "llama_cpp": {"n_gpu_layers": -1, "n_ubatch": 512, "kv_unified": False, **split}}
     if name == "deadline":
         tuned["admission"] = {"mode": "deadline"}
     if name == "tuned-fp16":  # the tuned scheduler with llama-server's KV dtype: separates the two effects
@@ -286,8 +296,10 @@ def start_server(args: argparse.Namespace, name: str, model: Path, root: Path, e
                 "-ngl", "99", "--no-warmup"]
         if name == "llama-server-q8":
             argv += ["-ctk", "q8_0", "-ctv", "q8_0"]
+        if args.split_mode:
+            argv += ["-sm", args.split_mode]
         return Server(argv, env, port, log), "/health"
-    cfg = forged_config(root, port, model, profile_for(name, args.users, args.prompt_tokens))
+    cfg = forged_config(root, port, model, profile_for(name, args.users, args.prompt_tokens, args.split_mode))
     return Server([sys.executable, "-m", "forged", "--config-dir", str(cfg), "run"],
                   dict(env, FORGED_RUN_DIR=str(root), FORGED_STATE_DIR=str(root / "state")), port, log), "/readyz"
 
@@ -315,6 +327,9 @@ def main() -> None:
     ap.add_argument("--gguf-py", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--shapes", nargs="+", default=["1b"])
+    ap.add_argument("--split-mode", choices=["none", "layer", "row"],
+                    help="several GPUs: forged's llama_cpp.split_mode and llama-server's -sm (default: each one's own, "
+                         "layer over every GPU CUDA_VISIBLE_DEVICES shows)")
     ap.add_argument("--users", type=int, default=20)
     ap.add_argument("--prompt-tokens", type=int, default=20000)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -366,6 +381,8 @@ def main() -> None:
                                 "notify": [n.split("\n")[0] for n in notes][:6],
                                 "ready_seen": any("READY=1" in n for n in notes),
                                 "llama_context_params": config.get("llama_context_params"),
+                                "llama_model_params": config.get("llama_model_params"),
+                                "placement": status.get("placement"),
                                 "alone_ttft_s": alone_ttft, "prefill_tok_s_alone": prefill_tok_s}
         print(json.dumps(shape_report["auto"], indent=1)[:3000], flush=True)
         for name in args.configs:
@@ -381,6 +398,7 @@ def main() -> None:
                         results, wall = run_load(server.url, texts, args.new_tokens, spread,
                                                  name.startswith("llama-server"))
                     summary = summarize(results, wall, sampler.peak, prefill_tok_s, args.prompt_tokens)
+                    summary["peak_gpu_memory_gib_per_gpu"] = [round(b / 2**30, 2) for b in sampler.peaks]
                     if not name.startswith("llama-server"):
                         with contextlib.suppress(httpx.HTTPError, ValueError):
                             metrics = httpx.get(server.url + "/metrics", timeout=10).text

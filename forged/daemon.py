@@ -56,7 +56,8 @@ class Daemon:
         loaded = config_mod.load(self.config_dir)
         logging.getLogger().setLevel(loaded.settings.logging.level.upper())
         # Checked before anything else starts: a key file others can read is a config error (78).
-        self._api_keys = auth.load_api_keys(loaded.settings.listen.http.api_keys_file, loaded.config_dir)
+        http = loaded.settings.listen.http
+        self._api_keys = auth.load_api_keys(http.api_keys_file, loaded.config_dir, http.metrics_without_key)
         if self._api_keys.configured:
             log.info("API keys: %d from %s required on TCP", len(self._api_keys), self._api_keys.path)
         raise_open_files_limit()
@@ -65,14 +66,13 @@ class Daemon:
         log.info("hardware: %s %s, %d cores, %.1f GiB; profile %s (%s)", hardware.kind, hardware.name,
                  hardware.cores, hardware.memory_total_bytes / 2**30, selection.name, selection.reason)
         # The profile's engine, its model file checked: fails before opening listeners, in one line.
-        choice = create_engine(loaded, selection.name, selection.profile, hardware, paths.state_dir(),
-                               memory_available=lambda: _available(hardware))
+        choice = create_engine(loaded, selection.name, selection.profile, hardware, paths.state_dir())
         engine = choice.engine
         model_name = engine.model_name
         # The metrics read live state at scrape time; `state` exists before any scrape can happen.
         metrics = Metrics(lambda: state.live())
         state = ServiceState(config=loaded, profile_name=selection.name, profile=selection.profile,
-                             hardware=hardware, engine=engine, metrics=metrics,
+                             hardware=hardware, engine=engine, metrics=metrics, placement=choice.placement,
                              test_hooks=os.environ.get("FORGED_TEST_HOOKS") == "1", engine_note=choice.note)
         state.metrics.set_info(sku=selection.name, engine=engine.name, model=model_name,
                                profile=selection.name)
@@ -96,12 +96,14 @@ class Daemon:
             if not inherited and loaded.settings.listen.unix.enabled:
                 bound_socket = socket_path
             log.info("listening on %s", ", ".join(opened))
-            # Read before the load: the engine's KV cache then takes its share of what is free.
-            memory_before = hardware_mod.device_memory(hardware)
+            # Read before the load, on the devices that will hold the KV cache: it then takes its share
+            # of what is free there.
+            memory_before = choice.placement.kv_memory(hardware)
             await self._load(engine)
             sessions = None
             if engine.kv_shape is not None:
-                memory = sanity.check(selection.profile, memory_before, engine.kv_shape, engine=engine.name)
+                memory = sanity.check(selection.profile, memory_before, choice.placement.kv_shape(engine.kv_shape),
+                                      engine=engine.name)
                 state.memory_warning = memory.warning
                 if memory.warning:
                     log.warning("%s", memory.warning)
@@ -256,10 +258,6 @@ class Daemon:
         while True:
             await asyncio.sleep(STATUS_INTERVAL_S)
             self.notifier.status(self._status_line())
-
-
-def _available(hardware: hardware_mod.HardwareInfo) -> int:
-    return hardware_mod.device_memory(hardware).available_bytes
 
 
 def _limits(profile: config_mod.Profile, sessions: int | None = None) -> Limits:

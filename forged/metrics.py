@@ -32,6 +32,8 @@ class LiveState:
     max_queue_depth: int
     target_ttft_p99_ms: float
     kv_blocks_total: int
+    # Blocks held by sessions. Cached blocks (prefix cache) are not used: allocation takes them back
+    # before it waits, so they are free capacity for every reader of this figure.
     kv_blocks_used: int
     kv_blocks_cached: int
     memory_used_bytes: int
@@ -39,6 +41,12 @@ class LiveState:
     # The engine's own running totals (prompt tokens); None when it cannot say.
     prefix_cache_queries: int | None = None
     prefix_cache_hits: int | None = None
+    kv_tokens_per_block: int = 0
+
+    @property
+    def kv_usage_ratio(self) -> float:
+        """Blocks in use / all blocks, 0..1: the inference gateway's KV-cache utilisation."""
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
 class _LiveCollector(Collector):
@@ -61,9 +69,11 @@ class _LiveCollector(Collector):
                      state.max_queue_depth)
         yield _gauge("forge_target_ttft_p99_ms", "The profile's TTFT P99 target in milliseconds "
                      "(alert threshold).", state.target_ttft_p99_ms)
-        yield _gauge("forge_gpu_memory_used_bytes", "Memory in use on the engine's device (system RAM "
-                     "on CPU and unified-memory machines: MemTotal - MemAvailable).", state.memory_used_bytes)
-        yield _gauge("forge_gpu_memory_total_bytes", "Memory of the engine's device.", state.memory_total_bytes)
+        yield _gauge("forge_gpu_memory_used_bytes", "Memory in use on the GPUs holding the model, summed "
+                     "(system RAM on CPU and unified-memory machines and with no layer on a GPU: MemTotal - "
+                     "MemAvailable).", state.memory_used_bytes)
+        yield _gauge("forge_gpu_memory_total_bytes", "Memory of the GPUs holding the model, summed (or "
+                     "MemTotal).", state.memory_total_bytes)
         blocks = GaugeMetricFamily("forge_kv_cache_blocks", "KV cache blocks by state: used (held or reserved by "
                                    "running sequences), cached (held only by the prefix cache, reclaimed on "
                                    "demand), free; and their total.", labels=["state"])
@@ -78,6 +88,16 @@ class _LiveCollector(Collector):
                                       value=state.prefix_cache_queries)
             yield CounterMetricFamily("forge_prefix_cache_hits", "Prompt tokens found in the prefix cache (their KV "
                                       "was reused, not computed).", value=state.prefix_cache_hits or 0)
+        # For routers in front of a fleet (the Kubernetes inference gateway's model-server protocol,
+        # docs/scaling.md): its KVCacheUtilization (a 0..1 gauge; forge_queue_depth and
+        # forge_active_sessions are its queued and running requests) and its optional block size.
+        yield _gauge("forge_kv_cache_usage_ratio", "KV cache blocks held by sessions / all blocks (0..1); "
+                     "cached prefix blocks count as free.", state.kv_usage_ratio)
+        config = GaugeMetricFamily("forge_kv_cache_config_info", "The KV cache's shape in labels (value 1): "
+                                   "block_size in tokens, num_gpu_blocks in all.",
+                                   labels=["block_size", "num_gpu_blocks"])
+        config.add_metric([str(state.kv_tokens_per_block), str(state.kv_blocks_total)], 1)
+        yield config
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -9,7 +9,8 @@ from typing import Literal
 from forged.admission import Admission
 from forged.config import LoadedConfig, Profile
 from forged.engine.base import Engine
-from forged.hardware import HardwareInfo, device_memory
+from forged.gpus import Placement
+from forged.hardware import HardwareInfo
 from forged.metrics import LiveState, Metrics
 
 Phase = Literal["loading", "ready", "draining", "failed"]
@@ -23,6 +24,8 @@ class ServiceState:
     hardware: HardwareInfo
     engine: Engine
     metrics: Metrics
+    # The GPUs the engine uses and how the model is spread over them (forged.gpus).
+    placement: Placement
     admission: Admission | None = None
     phase: Phase = "loading"
     failure: str | None = None
@@ -44,7 +47,7 @@ class ServiceState:
         """Snapshot for /metrics and /v1/status; None until the engine exists."""
         admission = self.admission
         stats = self.engine.stats()
-        memory = device_memory(self.hardware)
+        memory = self.placement.memory(self.hardware)
         return LiveState(
             active_sessions=len(admission.sessions) if admission else 0,
             queue_depth=len(admission.queue) if admission else 0,
@@ -56,6 +59,7 @@ class ServiceState:
             kv_blocks_total=stats.kv_blocks_total,
             kv_blocks_used=stats.kv_blocks_used,
             kv_blocks_cached=stats.kv_blocks_cached,
+            kv_tokens_per_block=stats.tokens_per_block,
             memory_used_bytes=memory.used_bytes,
             memory_total_bytes=memory.total_bytes,
             prefix_cache_queries=stats.prefix_cache_queries,

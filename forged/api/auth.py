@@ -28,6 +28,9 @@ from forged.schema import ConfigError
 
 # Probes carry no data and must work for a load balancer or kubelet that has no key.
 EXEMPT_ROUTES = frozenset({"/healthz", "/readyz"})
+# With listen.http.metrics_without_key: for scrapers that cannot send a key (the inference gateway's
+# endpoint picker).
+METRICS_ROUTE = "/metrics"
 MIN_KEY_CHARS = 16
 MAX_KEY_FILE_BYTES = 64 * 1024
 
@@ -41,8 +44,9 @@ class ApiKeys:
     `reload()` (SIGHUP); a failed reload keeps the keys in force.
     """
 
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, exempt: frozenset[str] = EXEMPT_ROUTES) -> None:
         self.path = path
+        self.exempt = exempt  # the routes TCP serves without a key
         self._digests: tuple[bytes, ...] = ()
         if path is not None:
             self.reload()
@@ -72,11 +76,12 @@ class ApiKeys:
 API_KEYS = app_key("api_keys", ApiKeys)
 
 
-def load_api_keys(keys_file: str | None, config_dir: Path) -> ApiKeys:
+def load_api_keys(keys_file: str | None, config_dir: Path, metrics_without_key: bool = False) -> ApiKeys:
     """The keys `listen.http.api_keys_file` names (relative paths from the config dir)."""
     if keys_file is None:
         return ApiKeys()
-    return ApiKeys(config_dir / keys_file)
+    exempt = EXEMPT_ROUTES | {METRICS_ROUTE} if metrics_without_key else EXEMPT_ROUTES
+    return ApiKeys(config_dir / keys_file, exempt)
 
 
 def read_private_file(path: Path) -> str:
@@ -150,7 +155,7 @@ def require_keys_beyond_loopback(sockets: Iterable[socket.socket], keys: ApiKeys
 @web.middleware
 async def require_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
     keys = request.app[API_KEYS]
-    if not keys.configured or request.path in EXEMPT_ROUTES or _over_unix_socket(request):
+    if not keys.configured or request.path in keys.exempt or _over_unix_socket(request):
         return await handler(request)
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():

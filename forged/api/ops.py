@@ -61,6 +61,8 @@ def status_document(state: ServiceState) -> dict[str, Any]:
         "pending_restart": state.pending_restart,
         "uptime_s": round(time.monotonic() - state.started_monotonic, 3),
         "hardware": {**to_plain(hw), "memory_used_bytes": live.memory_used_bytes if live else None},
+        # The GPUs the engine spreads the model over, each one's share and memory now (forged.gpus).
+        "placement": {"engine": state.placement.engine, **state.placement.status(hw)},
         "profile": {"name": state.profile_name, **to_plain(state.profile)},
         "engine": {"name": state.engine.name, "profile_engine": state.profile.engine,
                    "fallback": state.engine_note, "steps": stats.steps, "open_sequences": stats.open_sequences,

@@ -277,6 +277,11 @@ def translate(profile_name: str, profile: Profile, model: str, trt: Any, *, max_
     if max_seq_len < inference.max_seq_len:
         notes.append(f"max_seq_len: the profile's {inference.max_seq_len} is capped at the model's "
                      f"{max_seq_len} (config.json max_position_embeddings)")
+    tp = levers.tensor_parallel_size
+    if tp > 1:
+        put("tensor_parallel_size", tp, "tensorrt_llm.tensor_parallel_size")
+    else:  # LLM's own default: not passed, so that a single-GPU call stays what it was
+        mapping["tensorrt_llm.tensor_parallel_size"] = "tensor_parallel_size (1, LLM's default: not passed)"
     put("enable_iter_perf_stats", True, "(forged) iteration stats for /metrics and /v1/status")
     need(args_cls, "kv_cache_config", "tensorrt_llm")
     need(args_cls, "scheduler_config", "tensorrt_llm.scheduler_policy")
@@ -403,6 +408,13 @@ class TrtLlmEngine(Engine):
         with contextlib.suppress(KeyError, TypeError, ValueError):
             weights = sum(p.stat().st_size for p in self.model_path.glob("*.safetensors"))
             self.kv_shape = shape_from_hf_config(config, weights)
+        tp = self.levers.tensor_parallel_size
+        heads = config.get("text_config", config).get("num_attention_heads")
+        if tp > 1 and isinstance(heads, int) and heads % tp:
+            # Tensor parallelism gives each GPU an equal slice of the attention heads.
+            raise _refusal(self.profile_name, "tensorrt_llm.tensor_parallel_size", f"expected a divisor of the "
+                           f"model's {heads} attention heads (config.json num_attention_heads), got {tp}",
+                           self._where)
         self.translation = tr = translate(self.profile_name, self.profile, str(self.model_path), trt,
                                           max_seq_len=max_seq_len, where=self._where)
         log.info("TensorRT-LLM %s: %s", tr.version, tr.call)

@@ -273,6 +273,17 @@ def test_probes_are_exempt_and_the_unix_socket_needs_no_key(secured: Daemon) -> 
         assert client.get("/v1/status").status_code == 200
 
 
+def test_metrics_without_key_opens_only_metrics(make_daemon: Any, tmp_path: Path) -> None:
+    """For scrapers that cannot send a key (the inference gateway's endpoint picker): /metrics alone."""
+    keys = write_keys(tmp_path / "api-keys", [KEYS[0]])
+    daemon = make_daemon(settings={"listen": {"http": {"api_keys_file": str(keys),
+                                                       "metrics_without_key": True}}}).start()
+    r = httpx.get(f"{daemon.url}/metrics", timeout=10)
+    assert r.status_code == 200 and "forge_kv_cache_usage_ratio" in r.text
+    for route in ("/v1/models", "/v1/status"):
+        assert httpx.get(f"{daemon.url}{route}", timeout=10).status_code == 401
+
+
 def test_sighup_rereads_the_key_file(make_daemon: Any, tmp_path: Path) -> None:
     keys = write_keys(tmp_path / "api-keys", [KEYS[0]])
     daemon = make_daemon(settings={"listen": {"http": {"api_keys_file": str(keys)}}}).start()

@@ -180,16 +180,22 @@ def test_cached_blocks_give_way_before_anything_waits_or_is_preempted(make_daemo
 
 
 def test_cancelling_a_sequence_that_shares_a_prefix_leaves_the_other_unchanged(make_daemon) -> None:
+    """A second request shares the first's prompt blocks, leaves mid-stream, and a third request's
+    blocks evict what it left cached: the first request's tokens are those it gives alone.
+
+    Compared over its first tokens, where the greedy choice is never close: further on, this small
+    model loops ("eighteen, eighteen, ...") and a near-tie there can flip with the batch it shares
+    (libllama's kernels are not batch-invariant). Lost or foreign KV changes the very next token.
+    tests/unit/test_kvpool.py checks the same bit for bit at the libllama level."""
     daemon: Daemon = make_daemon(profile=UNIFIED).start()
     prompt = SYSTEM + " Then the keeper counted the lamps: one, two, three, four, five,"
-    body = {"prompt": prompt, "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+    body = {"prompt": prompt, "max_tokens": 32, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
     reference = httpx.post(f"{daemon.url}/v1/completions", json=body, timeout=600).json()
-    expected = reference["choices"][0]["text"]
+    expected = reference["choices"][0]["token_ids"][:16]
 
-    async def go() -> str:
+    async def go() -> list[int]:
         async with httpx.AsyncClient(timeout=600) as client:
             main = asyncio.create_task(client.post(f"{daemon.url}/v1/completions", json=body))
-            # A second request shares the prompt's blocks, streams a few tokens, and leaves.
             other = dict(body, prompt=prompt + " six, seven,", stream=True)
             async with client.stream("POST", f"{daemon.url}/v1/completions", json=other) as r:
                 seen = 0
@@ -197,12 +203,11 @@ def test_cancelling_a_sequence_that_shares_a_prefix_leaves_the_other_unchanged(m
                     seen += line.startswith("data: {")
                     if seen >= 3:
                         break
-            # And a third one's blocks evict what the second left cached.
             await client.post(f"{daemon.url}/v1/completions", json={
                 "prompt": "Unrelated: the price of rope in 1890 was", "max_tokens": 8})
-            return (await main).json()["choices"][0]["text"]
+            return (await main).json()["choices"][0]["token_ids"]
 
-    assert asyncio.run(go()) == expected
+    assert asyncio.run(go())[:16] == expected
     assert daemon.status()["kv_cache"]["blocks_used"] == 0
 
 

@@ -43,6 +43,7 @@ from forged.engine.llama_cpp.sequence import reserve_tokens
 from forged.engine.llama_cpp.sizing import KvSizing, size_kv_cache
 from forged.engine.llama_cpp.warmup import warm_up
 from forged.engine.llama_cpp.worker import StepLoop
+from forged.gpus import Placement
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,11 @@ class LlamaCppEngine(Engine):
     name = "llama_cpp"
 
     def __init__(self, profile: Profile, model_path: Path, model_name: str,
-                 memory_available: Callable[[], int], host_tier: bool = False) -> None:
+                 memory_available: Callable[[], int], placement: Placement | None = None,
+                 host_tier: bool = False) -> None:
         self.profile = profile
+        # Which GPUs hold the model and its KV, and how it is split over them (forged.gpus).
+        self.placement = placement or Placement(self.name)
         # Whether the profile's host_cache_size may be used: KV on a discrete GPU only.
         self._host_tier = host_tier
         self.levers = profile.tensorrt_llm
@@ -73,13 +77,15 @@ class LlamaCppEngine(Engine):
     def load(self) -> None:
         opts, levers = self.profile.llama_cpp, self.levers
         available_before = self._memory_available()
-        self._llama = model = LlamaModel(self.model_path, opts.n_gpu_layers)
+        self._llama = model = LlamaModel(self.model_path, opts.n_gpu_layers, **self.placement.model_params())
         context_length = min(self.profile.inference.max_seq_len, model.n_ctx_train)
         sessions = self.profile.inference.max_concurrent_sessions
         n_ubatch = opts.n_ubatch
         self.kv_shape = shape_from_metadata(model.metadata, model.size_bytes)
         try:
-            self.kv = kv = size_kv_cache(self.kv_shape, levers, sessions=sessions, context=context_length,
+            # Only the weights on the KV cache's GPUs come off their memory (forged.gpus).
+            self.kv = kv = size_kv_cache(self.placement.kv_shape(self.kv_shape), levers, sessions=sessions,
+                                         context=context_length,
                                          n_ubatch=n_ubatch, available_bytes=available_before,
                                          unified=opts.kv_unified)
             # A step never holds more than max_num_tokens while anything decodes; an idle engine
@@ -244,6 +250,8 @@ class LlamaCppEngine(Engine):
             "engine": "llama_cpp",
             "model": str(self.model_path),
             "llama_context_params": dict(self._context.params) if self._context else {},
+            "llama_model_params": {"n_gpu_layers": self.profile.llama_cpp.n_gpu_layers,
+                                   **self.placement.model_params()},
             "kv_cache_dtype_mapping": {k: v[0] for k, v in KV_DTYPE_TO_GGML.items()},
             "kv_layout": None if kv is None else {
                 "unified": kv.unified, "sequences": kv.n_seq_max, "sessions": kv.sessions,

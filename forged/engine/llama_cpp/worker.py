@@ -186,7 +186,10 @@ class StepLoop:
         batch.clear()
         sample_at: list[tuple[Sequence, int]] = []
         n_prefill = n_decode = 0
-        for sl in plan:
+        # In sequence-id order: with one KV stream per sequence, libllama cuts a batch into ubatches
+        # of streams with consecutive ids (each ubatch is a forward pass), so out-of-order tokens
+        # would cost extra passes. The plan's order (decodes first) only decided what fits the step.
+        for sl in sorted(plan, key=lambda sl: sl.seq.slot.seq_id):  # type: ignore[attr-defined]
             seq: Sequence = sl.seq  # type: ignore[assignment]
             assert seq.slot is not None
             if sl.is_decode:
