@@ -18,7 +18,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from forged.api import openai, openapi, ops, redact
+from forged.api import body, openai, openapi, ops, redact
 from forged.api.auth import API_KEYS, ApiKeys, require_api_key
 from forged.api.errors import MAX_BODY, error_middleware
 from forged.config import Settings
@@ -54,18 +54,29 @@ async def stamp_arrival(request: web.Request, handler: Handler) -> web.StreamRes
     return await handler(request)
 
 
+# How long aiohttp's own shutdown waits for a handler (its default: 60 s, then 60 s more).
+SHUTDOWN_TIMEOUT_S = 1.0
+# Routes whose body is read by body.read_json, which answers `Expect: 100-continue` itself.
+BODY_ROUTES = frozenset({openai.completions, openai.chat_completions})
+
+
 def build_app(state: ServiceState, api_keys: ApiKeys | None = None) -> web.Application:
-    max_body = state.config.settings.server.max_body_bytes
-    app = web.Application(middlewares=[stamp_arrival, require_api_key, error_middleware], client_max_size=max_body)
+    server = state.config.settings.server
+    app = web.Application(middlewares=[body.close_unread_body, stamp_arrival, require_api_key, error_middleware],
+                          client_max_size=server.max_body_bytes)
     app[API_KEYS] = api_keys or ApiKeys()
     redact.install()
     app[openai.STATE] = state
     app[openai.WINDOW] = LatencyWindow()
+    app[openai.WRITE_TIMEOUT] = server.write_timeout_s
+    app[openai.ANSWERING] = {}
     openai.add_tokenizer_pool(app)
-    app[MAX_BODY] = max_body
+    body.setup(app, server.max_body_bytes_in_flight, server.body_timeout_s)
+    app[MAX_BODY] = server.max_body_bytes
     routes = ROUTES + (TEST_ROUTES if state.test_hooks else [])
     for method, path, handler in routes:
-        app.router.add_route(method, path, handler)
+        app.router.add_route(method, path, handler,
+                             expect_handler=body.expect_continue_later if handler in BODY_ROUTES else None)
     return app
 
 
@@ -81,6 +92,10 @@ def make_runner(app: web.Application) -> web.AppRunner:
     if "handler_cancellation" in inspect.signature(web.AppRunner.__init__).parameters or \
             "handler_cancellation" in inspect.signature(web.Server.__init__).parameters:
         kwargs["handler_cancellation"] = True
+    # The daemon's drain has ended every admitted request before the runner shuts down; what is left
+    # (a body still arriving, an idle connection) must not hold the exit for aiohttp's default 60 s.
+    if "shutdown_timeout" in inspect.signature(web.BaseRunner.__init__).parameters:
+        kwargs["shutdown_timeout"] = SHUTDOWN_TIMEOUT_S
     return web.AppRunner(app, **kwargs)  # type: ignore[arg-type]
 
 
