@@ -363,3 +363,24 @@ def test_expect_100_continue_is_answered_only_for_a_body_that_will_be_read(daemo
     with connect(daemon, "tcp") as sock:
         sock.sendall(request_bytes(body, Expect="something-else"))
         assert sock.recv(12) == b"HTTP/1.1 417"
+
+# ------------------------------------------------------------------ top_k as a C int
+
+@pytest.mark.parametrize("top_k", [2**31, 2**32 + 1, 2**63])
+def test_top_k_beyond_a_c_int_is_refused_naming_it(daemon: Daemon, top_k: int) -> None:
+    r = httpx.post(f"{daemon.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "top_k": top_k}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "top_k" and "2147483647" in r.json()["error"]["message"]
+
+
+def test_top_k_above_the_vocabulary_keeps_every_token(daemon: Daemon) -> None:
+    def text(top_k: int) -> str:
+        r = httpx.post(f"{daemon.url}/v1/completions", timeout=60, json={
+            "prompt": "Once upon a time", "max_tokens": 8, "temperature": 1.0, "seed": 7, "top_k": top_k})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+    # The largest C int and a million are both above the vocabulary: each keeps every token, so with
+    # the same seed they sample the same text.
+    assert text(2**31 - 1) == text(1_000_000)
+
+
