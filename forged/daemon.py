@@ -9,6 +9,7 @@ cancel the rest, exit 0. SIGHUP: reload guards and targets live (RELOADING=1 ...
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import resource
@@ -304,6 +305,9 @@ def raise_open_files_limit() -> None:
 
 def main(config_dir: Path) -> int:
     """Run the daemon. Startup failures are one line on stderr (the journal under systemd)."""
+    # A fatal signal (SIGBUS when the mmap'd model file is overwritten in place, SIGSEGV) would
+    # otherwise end the process without a word in the journal; this prints the signal and stacks.
+    faulthandler.enable()
     try:
         return asyncio.run(Daemon(config_dir).run())
     except ConfigError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import signal
 import socket
 import threading
@@ -25,6 +26,7 @@ import pytest
 from conftest import Daemon, sse_events
 from prometheus_client.parser import text_string_to_metric_families
 
+from forged.cli import forgectl_main
 from forged.metrics import ADMITTED_OUTCOMES
 
 MODEL_ID_CHARS = 32 * 1024
@@ -364,6 +366,7 @@ def test_expect_100_continue_is_answered_only_for_a_body_that_will_be_read(daemo
         sock.sendall(request_bytes(body, Expect="something-else"))
         assert sock.recv(12) == b"HTTP/1.1 417"
 
+
 # ------------------------------------------------------------------ top_k as a C int
 
 @pytest.mark.parametrize("top_k", [2**31, 2**32 + 1, 2**63])
@@ -384,3 +387,49 @@ def test_top_k_above_the_vocabulary_keeps_every_token(daemon: Daemon) -> None:
     assert text(2**31 - 1) == text(1_000_000)
 
 
+# ------------------------------------------------------------------ replacing the served model file
+
+def _served_copy(model_path: Path, tmp_path: Path) -> Path:
+    models = tmp_path / "models"
+    models.mkdir()
+    served = models / model_path.name
+    shutil.copyfile(model_path, served)
+    return served
+
+
+def test_model_install_over_the_served_file_keeps_the_daemon_serving(make_daemon: Any, model_path: Path,
+                                                                      tmp_path: Path) -> None:
+    served = _served_copy(model_path, tmp_path)
+    daemon: Daemon = make_daemon(settings={"model": {"path": str(served)}}, profile=ONE_THREAD).start()
+    events: list[Any] = []
+    body = {"prompt": "Tell me about the sea.", "max_tokens": 64, "ignore_eos": True, "stream": True}
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{daemon.url}/v1/completions", json=body, timeout=300) as r:
+            events.extend(sse_events(r.iter_lines()))
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    wait_for(lambda: daemon.status()["sessions"]["active"] == 1, 60, "the stream to start", daemon)
+    assert forgectl_main(["model", "install", "--force", "--dest", str(served.parent), str(model_path)]) == 0
+    reader.join(300)
+    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+    r = httpx.post(f"{daemon.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 4}, timeout=60)
+    assert r.status_code == 200
+    assert daemon.proc is not None and daemon.proc.poll() is None
+    assert [p.name for p in served.parent.iterdir()] == [served.name]
+
+
+def test_overwriting_the_served_file_in_place_kills_the_daemon_and_says_so(make_daemon: Any, model_path: Path,
+                                                                           tmp_path: Path) -> None:
+    """Why the test above matters and docs/operations.md says to rename, never copy over: the weights
+    are mmap'd, and a file cut under them (cp truncates before it writes) is SIGBUS on the next step.
+    forged cannot survive it; the journal at least says what happened."""
+    served = _served_copy(model_path, tmp_path)
+    daemon: Daemon = make_daemon(settings={"model": {"path": str(served)}}, profile=ONE_THREAD).start()
+    with served.open("r+b") as f:
+        f.truncate(0)
+    with contextlib.suppress(httpx.HTTPError):
+        httpx.post(f"{daemon.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 4}, timeout=60)
+    assert daemon.proc is not None and daemon.proc.wait(60) == -signal.SIGBUS
+    assert "Fatal Python error: Bus error" in daemon.log()
