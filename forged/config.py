@@ -38,6 +38,10 @@ class HttpListener:
     # but the probes needs `Authorization: Bearer <key>` (forged/api/auth.py). Relative paths are
     # read from the config dir. Required for a host that is not loopback.
     api_keys_file: str | None = None
+    # true: TCP is never served without API keys, loopback included (a config without
+    # api_keys_file then refuses to start). false (the packaged default): loopback TCP without keys
+    # is open to every local user, whatever the UNIX socket's group says (docs/api.md, Security).
+    require_keys_on_loopback: bool = False
 
 
 @dataclass(frozen=True)
@@ -277,6 +281,9 @@ def _check_settings(settings: Settings, src: Located) -> None:
                           f"(127.0.0.1, ::1, localhost) while listen.http.api_keys_file is unset, got "
                           f"{http.host!r}; to serve beyond loopback set listen.http.api_keys_file "
                           f"(docs/api.md, Security)")
+    if http.enabled and http.require_keys_on_loopback and http.api_keys_file is None:
+        raise ConfigError(f"{src.where('listen.http.require_keys_on_loopback')}: listen.http.require_keys_on_loopback: "
+                          f"true needs listen.http.api_keys_file (or listen.http.enabled: false), got no key file")
     server = settings.server
     if server.max_body_bytes_in_flight < server.max_body_bytes:
         raise ConfigError(f"{src.where('server.max_body_bytes_in_flight')}: server.max_body_bytes_in_flight: expected "

@@ -25,7 +25,7 @@ from forged import hardware as hardware_mod
 from forged import paths, profiles, sanity
 from forged.admission import Admission, Limits
 from forged.api import auth, openai
-from forged.api.app import build_app, make_runner, open_listeners
+from forged.api.app import access_summary, build_app, make_runner, open_listeners
 from forged.engine import create_engine
 from forged.engine.base import Engine, EngineError, EngineHooks
 from forged.metrics import Metrics
@@ -96,9 +96,11 @@ class Daemon:
         bound_socket: Path | None = None
         await runner.setup()
         inherited = inherited_sockets()
-        auth.require_keys_beyond_loopback(inherited.values(), self._api_keys)
+        auth.require_keys_beyond_loopback(inherited.values(), self._api_keys,
+                                          loaded.settings.listen.http.require_keys_on_loopback)
         try:
             opened = await open_listeners(runner, loaded.settings, socket_path, inherited)
+            state.access = access_summary(runner, self._api_keys.configured)
             if not inherited and loaded.settings.listen.unix.enabled:
                 bound_socket = socket_path
             log.info("listening on %s", ", ".join(opened))

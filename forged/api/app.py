@@ -137,6 +137,21 @@ async def open_listeners(runner: web.AppRunner, settings: Settings, socket_path:
     return opened
 
 
+def access_summary(runner: web.AppRunner, tcp_needs_keys: bool) -> dict[str, object]:
+    """Who can reach what, for /v1/status and `forgectl doctor`: the TCP addresses served (any local
+    user can connect to a loopback one), the UNIX sockets (their mode and group decide), and whether
+    TCP needs an API key."""
+    tcp: list[str] = []
+    unix: list[str] = []
+    for address in runner.addresses:
+        if isinstance(address, (tuple, list)):
+            host, port = address[0], address[1]
+            tcp.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        else:
+            unix.append(address.decode(errors="replace") if isinstance(address, bytes) else str(address))
+    return {"tcp": tcp, "unix": unix, "tcp_api_keys": tcp_needs_keys}
+
+
 def bind_private_unix_socket(path: Path) -> socket.socket:
     """A UNIX socket bound at `path` with mode 0600, whatever the process umask: nobody but its owner
     can connect before open_listeners grants the configured mode and group. The umask is

@@ -76,6 +76,7 @@ def status_document(state: ServiceState) -> dict[str, Any]:
                      "profile_max": state.profile.inference.max_concurrent_sessions,
                      "memory_warning": state.memory_warning},
         "queue": {"depth": live.queue_depth if live else 0, "max": live.max_queue_depth if live else 0},
+        "access": state.access,
         "kv_cache": {"blocks_total": stats.kv_blocks_total, "blocks_used": stats.kv_blocks_used,
                      "blocks_free": stats.kv_blocks_free, "tokens_per_block": stats.tokens_per_block,
                      "cells_used": stats.kv_cells_used, "bytes": stats.kv_cache_bytes,
