@@ -97,8 +97,8 @@ async def read_json(request: web.Request) -> Any:
     cost = max_body if declared is None else declared
     budget = request.app[BUDGET]
     if not budget.try_take(cost):
-        raise Busy(f"forged is already receiving {budget.in_use} bytes of request bodies, its limit "
-                   f"(server.max_body_bytes_in_flight {budget.limit}); retry shortly")
+        raise Busy(f"forged is receiving {budget.in_use} bytes of other request bodies, and this one's {cost} "
+                   f"would pass server.max_body_bytes_in_flight ({budget.limit}); retry shortly")
     handed_over = False
     try:
         if request.get(CONTINUE_PENDING):

@@ -37,7 +37,7 @@ ENDLESS = {"prompt": "Write a long story about the sea.", "max_tokens": 2000, "i
 # forge_generation_tokens_total counts tokens as their handler takes them from the engine, so while
 # every handler is blocked writing to a client that does not read, it stands still (the engine's own
 # rate is several tokens a second). Standing still this long means every write has blocked.
-STILL_S = 4.0
+STILL_S = 6.0
 
 
 def metrics(daemon: Daemon) -> dict[str, float]:
@@ -230,7 +230,8 @@ def _peak_rss_bytes(daemon: Daemon) -> int:
 def test_a_flood_of_large_bodies_is_bounded_and_a_stream_goes_on(make_daemon: Any) -> None:
     """100 clients at once each send a 3 MB body (valid JSON, an invalid request). At most
     max_body_bytes_in_flight of them are received and parsed at once; the rest get 503 server_busy
-    at once. The daemon's peak RSS grew 1.2 GiB under 200 such bodies before the budget."""
+    at once. Before the budget all 100 were read at once, and the peak RSS grew 378 MiB here (the
+    issue saw 1.2 GiB under 200)."""
     budget, clients, size = 8 * 2**20, 100, 3 * 2**20
     daemon: Daemon = make_daemon(settings={"server": {"max_body_bytes_in_flight": budget}},
                                  profile=ONE_THREAD).start()
