@@ -110,7 +110,7 @@ class Admission:
         return ticket
 
     def finish(self, ticket: Ticket, outcome: str) -> None:
-        """The request is over (completed, cancelled or failed): free its session or queue place."""
+        """The request is over (completed, cancelled, failed or client_stalled): free its session or queue place."""
         if ticket.done:
             return
         ticket.done = True

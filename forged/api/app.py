@@ -15,6 +15,7 @@ import stat
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -94,9 +95,17 @@ def make_runner(app: web.Application) -> web.AppRunner:
         kwargs["handler_cancellation"] = True
     # The daemon's drain has ended every admitted request before the runner shuts down; what is left
     # (a body still arriving, an idle connection) must not hold the exit for aiohttp's default 60 s.
-    if "shutdown_timeout" in inspect.signature(web.BaseRunner.__init__).parameters:
+    # aiohttp 3.9+ takes the timeout on the runner, 3.8 (Debian 12) on each site (_site_kwargs).
+    if _RUNNER_TAKES_SHUTDOWN_TIMEOUT:
         kwargs["shutdown_timeout"] = SHUTDOWN_TIMEOUT_S
     return web.AppRunner(app, **kwargs)  # type: ignore[arg-type]
+
+
+_RUNNER_TAKES_SHUTDOWN_TIMEOUT = "shutdown_timeout" in inspect.signature(web.BaseRunner.__init__).parameters
+
+
+def _site_kwargs() -> dict[str, Any]:
+    return {} if _RUNNER_TAKES_SHUTDOWN_TIMEOUT else {"shutdown_timeout": SHUTDOWN_TIMEOUT_S}
 
 
 async def open_listeners(runner: web.AppRunner, settings: Settings, socket_path: Path,
@@ -106,12 +115,12 @@ async def open_listeners(runner: web.AppRunner, settings: Settings, socket_path:
     opened: list[str] = []
     if inherited:
         for name, sock in inherited.items():
-            await web.SockSite(runner, sock).start()
+            await web.SockSite(runner, sock, **_site_kwargs()).start()
             opened.append(f"{name} (from systemd)")
         return opened
     http = settings.listen.http
     if http.enabled:
-        site = web.TCPSite(runner, http.host, http.port, reuse_address=True)
+        site = web.TCPSite(runner, http.host, http.port, reuse_address=True, **_site_kwargs())
         await site.start()
         opened.append(f"http://{http.host}:{_bound_port(site, http.port)}")
     unix = settings.listen.unix
@@ -132,7 +141,7 @@ async def open_listeners(runner: web.AppRunner, settings: Settings, socket_path:
         except OSError:
             sock.close()
             raise
-        await web.SockSite(runner, sock).start()
+        await web.SockSite(runner, sock, **_site_kwargs()).start()
         opened.append(f"unix:{socket_path}")
     return opened
 
