@@ -43,6 +43,10 @@ class HttpListener:
     # true: GET /metrics needs no key either. For scrapers that cannot send one, such as the Kubernetes
     # inference gateway's endpoint picker (docs/scaling.md); the gauges reveal load, never content.
     metrics_without_key: bool = False
+    # true: TCP is never served without API keys, loopback included (a config without
+    # api_keys_file then refuses to start). false (the packaged default): loopback TCP without keys
+    # is open to every local user, whatever the UNIX socket's group says (docs/api.md, Security).
+    require_keys_on_loopback: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,12 @@ class ServerSettings:
     # The request line and each header line; a longer one gets 400 and the connection closes.
     max_header_bytes: int = field(8190, lo=1024, hi=1024 * 1024)
     max_headers: int = field(100, lo=16, hi=10_000)
+    # A client that takes none of its answer for this long (its socket buffers full) is hung up on:
+    # its session and KV are freed and it counts as forge_requests_total{outcome="client_stalled"}.
+    write_timeout_s: float = field(30.0, lo=0.1, hi=3600)
+    # Request bodies being received and parsed at once, across connections, in bytes (a body counts
+    # its Content-Length, or max_body_bytes when it has none). Past it: 503 server_busy.
+    max_body_bytes_in_flight: int = field(32 * 1024 * 1024, lo=1024, hi=64 * 1024 * 1024 * 1024)
 
 
 @dataclass(frozen=True)
@@ -300,6 +310,14 @@ def _check_settings(settings: Settings, src: Located) -> None:
                           f"(127.0.0.1, ::1, localhost) while listen.http.api_keys_file is unset, got "
                           f"{http.host!r}; to serve beyond loopback set listen.http.api_keys_file "
                           f"(docs/api.md, Security)")
+    if http.enabled and http.require_keys_on_loopback and http.api_keys_file is None:
+        raise ConfigError(f"{src.where('listen.http.require_keys_on_loopback')}: listen.http.require_keys_on_loopback: "
+                          f"true needs listen.http.api_keys_file (or listen.http.enabled: false), got no key file")
+    server = settings.server
+    if server.max_body_bytes_in_flight < server.max_body_bytes:
+        raise ConfigError(f"{src.where('server.max_body_bytes_in_flight')}: server.max_body_bytes_in_flight: expected "
+                          f"at least max_body_bytes ({server.max_body_bytes}), or no body that large could ever be "
+                          f"read, got {server.max_body_bytes_in_flight}")
     if not settings.listen.http.enabled and not settings.listen.unix.enabled:
         raise ConfigError(f"{src.where('listen')}: listen: at least one of http and unix must be enabled")
 

@@ -20,8 +20,12 @@ ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1
 PREDICTION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
 
-OUTCOMES = ("completed", "cancelled", "failed", "rejected")
-REJECTION_REASONS = ("queue_full", "ttft_target_unmeetable", "not_ready", "shutting_down", "invalid_request")
+# Once admitted, a request ends completed, cancelled, failed or client_stalled; before that it is
+# rejected (refused) or abandoned (the client left first). Every request ends in exactly one.
+ADMITTED_OUTCOMES = ("completed", "cancelled", "failed", "client_stalled")
+OUTCOMES = (*ADMITTED_OUTCOMES, "rejected", "abandoned")
+REJECTION_REASONS = ("queue_full", "ttft_target_unmeetable", "not_ready", "shutting_down", "invalid_request",
+                     "server_busy")
 
 
 @dataclass(frozen=True)
@@ -120,14 +124,15 @@ class Metrics:
             "measured TTFT (absolute), per admitted request.", buckets=PREDICTION_BUCKETS,
             registry=registry)
         self.requests = Counter("forge_requests", "Generation requests by outcome: rejected (refused before "
-                                "admission), or, once admitted, completed, cancelled or failed.", ["outcome"],
-                                registry=registry)
+                                "admission), abandoned (the client left before a verdict), or, once admitted, "
+                                "completed, cancelled, failed or client_stalled (hung up on: it took none of its "
+                                "answer for server.write_timeout_s).", ["outcome"], registry=registry)
         self.admitted = Counter("forge_requests_admitted", "Generation requests admitted (given a session "
                                 "or a queue place). Each ends in exactly one of forge_requests_total's "
-                                "completed, cancelled or failed.", registry=registry)
+                                "completed, cancelled, failed or client_stalled.", registry=registry)
         self.rejections = Counter("forge_rejections", "Generation requests refused, by reason (invalid_request: "
-                                  "any 4xx for a client's mistake).", ["reason"],
-                                  registry=registry)
+                                  "any 4xx for a client's mistake; server_busy: too many request bodies being "
+                                  "received at once).", ["reason"], registry=registry)
         self.preemptions = Counter("forge_preemptions", "Sessions preempted to free KV blocks.",
                                    registry=registry)
         self.prompt_tokens = Counter("forge_prompt_tokens", "Prompt tokens of admitted requests.",
@@ -146,6 +151,10 @@ class Metrics:
     def reject(self, reason: str) -> None:
         self.rejections.labels(reason).inc()
         self.requests.labels("rejected").inc()
+
+    def abandon(self) -> None:
+        """The client left before its request was admitted or refused."""
+        self.requests.labels("abandoned").inc()
 
     def request_totals(self) -> dict[str, int]:
         """Admitted requests and every outcome so far."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from forged.admission import Admission
 from forged.config import LoadedConfig, Profile
@@ -38,6 +38,8 @@ class ServiceState:
     pending_restart: list[str] = field(default_factory=list)
     # Set when the engine running is not the one the profile names (engine_fallback), and why.
     engine_note: str | None = None
+    # The listeners and whether TCP needs a key (api.app.access_summary), once they are open.
+    access: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_id(self) -> str:

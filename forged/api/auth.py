@@ -5,7 +5,8 @@ Policy (docs/api.md, Security):
   except the probes in EXEMPT_ROUTES (they say only alive/ready). A missing or wrong key gets 401.
 - The UNIX socket needs no key: its mode and group (open_listeners) decide who may connect at all.
 - Without keys forged serves TCP on loopback only (config validation; `require_keys_beyond_loopback`
-  for sockets systemd passes).
+  for sockets systemd passes), and not at all with `listen.http.require_keys_on_loopback: true`:
+  loopback TCP without keys is open to every local user, whatever the socket's group says.
 - Keys are never logged; the log says how many were loaded and from where.
 """
 
@@ -139,13 +140,19 @@ def parse_keys(text: str, where: str) -> list[str]:
     return keys
 
 
-def require_keys_beyond_loopback(sockets: Iterable[socket.socket], keys: ApiKeys) -> None:
-    """Sockets systemd passes bypass the config's loopback rule; the same rule applies to them."""
+def require_keys_beyond_loopback(sockets: Iterable[socket.socket], keys: ApiKeys,
+                                 on_loopback_too: bool = False) -> None:
+    """Sockets systemd passes bypass the config's loopback rule; the same rule applies to them, and
+    with `on_loopback_too` (listen.http.require_keys_on_loopback) to loopback sockets as well."""
     if keys.configured:
         return
     for sock in sockets:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             host = sock.getsockname()[0]
+            if on_loopback_too:
+                raise ConfigError(f"forged.socket passed a TCP socket on {host}, listen.http.require_keys_on_loopback "
+                                  f"is true and no API keys are configured; set listen.http.api_keys_file or "
+                                  f"remove the TCP ListenStream from forged.socket (docs/api.md, Security)")
             if not is_loopback(host):
                 raise ConfigError(f"forged.socket passed a TCP socket on {host}, which is not loopback, and no "
                                   f"API keys are configured; set listen.http.api_keys_file or listen on "

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Literal
@@ -18,18 +20,29 @@ from typing import Any, Literal
 from aiohttp import web
 
 from forged.admission import Refused, Ticket
-from forged.api.errors import MAX_BODY, app_key, error_response, sse_error
+from forged.api import body
+from forged.api.errors import app_key, error_response, sse_error
 from forged.api.requests import BadRequest, ParsedRequest, parse_chat, parse_completion
 from forged.engine.base import GenerationRequest, RequestRejected, TokenEvent
 from forged.state import ServiceState
 from forged.targets import LatencyWindow
 
+log = logging.getLogger(__name__)
+
 Kind = Literal["completion", "chat"]
 STATE = app_key("state", ServiceState)
 WINDOW = app_key("window", LatencyWindow)
+WRITE_TIMEOUT = app_key("write_timeout_s", float)
+# The generation requests being answered (admitted, until their handler ends), by id(request), for the
+# drain's hang-up (aiohttp's requests are not hashable).
+ANSWERING = app_key("answering", dict)
 # Tokenizing and validating run here, off the event loop. The pool is joined when the app is cleaned
 # up, before the daemon frees the model: a tokenization still running must not outlive the vocab.
 TOKENIZER_POOL = app_key("tokenizer_pool", ThreadPoolExecutor)
+
+
+class ClientStalled(ConnectionResetError):
+    """The client took none of its answer for server.write_timeout_s, and forged hung up on it."""
 
 
 def add_tokenizer_pool(app: web.Application) -> None:
@@ -57,29 +70,6 @@ async def models(request: web.Request) -> web.Response:
     }]})
 
 
-async def _read_json(request: web.Request) -> Any:
-    max_body = request.app[MAX_BODY]
-    if request.content_length is not None and request.content_length > max_body:
-        # Refused before a byte of it is read: the declared length alone is over the limit.
-        raise web.HTTPRequestEntityTooLarge(max_body, request.content_length)
-    timeout = request.app[STATE].config.settings.server.body_timeout_s
-    try:
-        # aiohttp waits for a stalled body forever; this bounds what a slow client can hold.
-        raw = await asyncio.wait_for(request.read(), timeout)
-    except TimeoutError:
-        raise BadRequest(f"the request body was not received within {timeout:g} s", status=408,
-                         code="request_timeout") from None
-    try:
-        # Decoded here, strictly: json.loads would let an encoded surrogate (invalid UTF-8) through.
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise BadRequest("the request body is not valid UTF-8") from None
-    except ValueError as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise BadRequest("the request body is nested too deeply") from None
-
-
 async def _wait_until_ready(state: ServiceState) -> web.Response | None:
     """Hold a request that arrives while the model loads; refuse one that arrives while draining."""
     deadline = time.monotonic() + state.config.settings.server.load_wait_s
@@ -96,9 +86,53 @@ async def _wait_until_ready(state: ServiceState) -> web.Response | None:
 
 async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
     state = request.app[STATE]
-    received = request["received"]
     try:
-        parsed = (parse_completion if kind == "completion" else parse_chat)(await _read_json(request))
+        before = await _before_admission(request, state, kind)
+    except (asyncio.CancelledError, ConnectionResetError):
+        # The client left before a verdict: mid-body, or with a half-close right after its request,
+        # which looks the same to a server (EOF; aiohttp then closes and cancels). Counted, not lost.
+        state.metrics.abandon()
+        raise
+    if isinstance(before, web.StreamResponse):
+        return before
+    parsed, generation = before
+    assert state.admission is not None
+    try:
+        ticket = await state.admission.admit(generation, request["received"])
+    except Refused as exc:
+        return error_response(exc.status, exc.message, exc.code, retry_after=exc.retry_after)
+    # Until an answer is complete, the way out is the client leaving (or the write failing).
+    outcome = "cancelled"
+    answering = request.app[ANSWERING]
+    answering[id(request)] = request
+    try:
+        send = _stream if parsed.stream else _collect
+        response, outcome = await send(request, state, ticket, parsed, kind, request["received"])
+        return response
+    except ClientStalled as exc:
+        outcome = "client_stalled"
+        log.warning("%s: %s; its session is freed", ticket.request_id, exc)
+        raise
+    except Exception as exc:
+        # A write to a client that left fails with ConnectionResetError: still "cancelled". Anything
+        # else is forged's own failure and must not pass for the client's choice.
+        if not isinstance(exc, ConnectionResetError):
+            outcome = "failed"
+        raise
+    finally:
+        answering.pop(id(request), None)
+        state.admission.finish(ticket, outcome)
+
+
+async def _before_admission(request: web.Request, state: ServiceState,
+                            kind: Kind) -> tuple[ParsedRequest, GenerationRequest] | web.StreamResponse:
+    """Read, parse, validate, wait for the model, tokenize: the request ready for admission, or its
+    refusal (counted here, and returned or raised for the error middleware to answer)."""
+    try:
+        parsed = (parse_completion if kind == "completion" else parse_chat)(await body.read_json(request))
+    except body.Busy as exc:
+        state.metrics.reject("server_busy")
+        return error_response(503, str(exc), "server_busy", retry_after=1)
     except (BadRequest, web.HTTPRequestEntityTooLarge):
         state.metrics.reject("invalid_request")  # the middleware turns it into the error object
         raise
@@ -109,7 +143,6 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
     not_ready = await _wait_until_ready(state)
     if not_ready is not None:
         return not_ready
-    assert state.admission is not None
     try:
         # Off the event loop: tokenizing a 20k-token prompt takes tens of milliseconds, and a burst
         # of them would otherwise hold up every other request (and each other) in turn.
@@ -118,24 +151,36 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
     except RequestRejected as exc:
         state.metrics.reject("invalid_request")
         return error_response(400, str(exc), exc.code)
+    return parsed, generation
+
+
+async def _send(request: web.Request, write: Awaitable[Any]) -> None:
+    """One write of an answer, allowed server.write_timeout_s. A client that stops reading fills its
+    socket buffers, and then aiohttp's write waits for it forever, holding the session."""
+    timeout = request.app[WRITE_TIMEOUT]
     try:
-        ticket = await state.admission.admit(generation, received)
-    except Refused as exc:
-        return error_response(exc.status, exc.message, exc.code, retry_after=exc.retry_after)
-    # Until an answer is complete, the way out is the client leaving (or the write failing).
-    outcome = "cancelled"
-    try:
-        send = _stream if parsed.stream else _collect
-        response, outcome = await send(request, state, ticket, parsed, kind, received)
-        return response
-    except Exception as exc:
-        # A write to a client that left fails with ConnectionResetError: still "cancelled". Anything
-        # else is forged's own failure and must not pass for the client's choice.
-        if not isinstance(exc, ConnectionResetError):
-            outcome = "failed"
-        raise
-    finally:
-        state.admission.finish(ticket, outcome)
+        async with asyncio.timeout(timeout):
+            await write
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()  # drops what is still buffered for it; the handler ends now
+        raise ClientStalled(f"the client took none of its answer for {timeout:g} s (server.write_timeout_s); "
+                            f"hung up") from None
+
+
+async def _deliver(request: web.Request, response: web.StreamResponse) -> None:
+    await response.prepare(request)
+    await response.write_eof()
+
+
+def hang_up(app: web.Application) -> int:
+    """Abort the connection of every generation request still being answered; their handlers end at
+    once, cancelled. The drain's last step, for clients that stopped reading their final event."""
+    requests = list(app[ANSWERING].values())
+    for request in requests:
+        if request.transport is not None:
+            request.transport.abort()
+    return len(requests)
 
 
 def _build_request(state: ServiceState, parsed: ParsedRequest, kind: Kind) -> GenerationRequest:
@@ -254,7 +299,11 @@ async def _collect(request: web.Request, state: ServiceState, ticket: Ticket, pa
         choice["token_ids"] = token_ids
         base["prompt_token_ids"] = ticket.request.prompt_tokens
     obj = "chat.completion" if kind == "chat" else "text_completion"
-    return web.json_response({**base, "object": obj, "choices": [choice]}), outcome
+    response = web.json_response({**base, "object": obj, "choices": [choice]})
+    # Sent here rather than by aiohttp after the handler, so that a client that does not read it is
+    # bounded by the write timeout, and the request counts as completed only once it is delivered.
+    await _send(request, _deliver(request, response))
+    return response, outcome
 
 
 async def _stream(request: web.Request, state: ServiceState, ticket: Ticket, parsed: ParsedRequest,
@@ -267,9 +316,12 @@ async def _stream(request: web.Request, state: ServiceState, ticket: Ticket, par
         return _engine_error(first), _outcome(first)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
-    await response.prepare(request)
+    await _send(request, response.prepare(request))
     created = int(time.time())
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+    def write(data: bytes) -> Awaitable[None]:
+        return _send(request, response.write(data))
 
     def chunk(delta: str | None, finish: str | None, *, role: bool = False,
               token_ids: tuple[int, ...] = ()) -> bytes:
@@ -286,7 +338,7 @@ async def _stream(request: web.Request, state: ServiceState, ticket: Ticket, par
         return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
 
     if kind == "chat":
-        await response.write(chunk(None, None, role=True))
+        await write(chunk(None, None, role=True))
     while True:
         if first is not None:
             event, first = first, None
@@ -297,23 +349,23 @@ async def _stream(request: web.Request, state: ServiceState, ticket: Ticket, par
             message = ((str(event.error) if event.status else f"generation failed: {event.error}")
                        if event.finish_reason == "error"
                        else "the request was cancelled because forged is shutting down")
-            await response.write(sse_error(message, "engine_error" if event.finish_reason == "error"
-                                           else "shutting_down"))
+            await write(sse_error(message, "engine_error" if event.finish_reason == "error"
+                                  else "shutting_down"))
             break
         if event.text or event.finish_reason or (parsed.return_token_ids and event.token_ids):
             if kind == "chat" and event.finish_reason and event.text:
-                await response.write(chunk(event.text, None, token_ids=event.token_ids))
-                await response.write(chunk(None, event.finish_reason))
+                await write(chunk(event.text, None, token_ids=event.token_ids))
+                await write(chunk(None, event.finish_reason))
             else:
-                await response.write(chunk(event.text if event.text or kind != "chat" else None,
-                                           event.finish_reason, token_ids=event.token_ids))
+                await write(chunk(event.text if event.text or kind != "chat" else None,
+                                  event.finish_reason, token_ids=event.token_ids))
         if event.finish_reason is not None:
             break
     timing.finish()
     if parsed.include_usage:
         usage = {"id": ticket.request_id, "object": obj, "created": created, "model": state.model_id,
                  "choices": [], "usage": _usage(ticket, timing)}
-        await response.write(b"data: " + json.dumps(usage).encode() + b"\n\n")
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
+        await write(b"data: " + json.dumps(usage).encode() + b"\n\n")
+    await write(b"data: [DONE]\n\n")
+    await _send(request, response.write_eof())
     return response, _outcome(event)

@@ -78,6 +78,7 @@ def status_document(state: ServiceState) -> dict[str, Any]:
                      "profile_max": state.profile.inference.max_concurrent_sessions,
                      "memory_warning": state.memory_warning},
         "queue": {"depth": live.queue_depth if live else 0, "max": live.max_queue_depth if live else 0},
+        "access": state.access,
         "kv_cache": {"blocks_total": stats.kv_blocks_total, "blocks_used": stats.kv_blocks_used,
                      "blocks_cached": stats.kv_blocks_cached,
                      "blocks_free": stats.kv_blocks_free,
