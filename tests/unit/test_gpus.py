@@ -107,7 +107,7 @@ def test_gpu_count_rules_are_half_open_and_checked(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("section", "message"), [
     ("llama_cpp: {tensor_split: [0, 0]}", r"llama_cpp\.tensor_split: expected 1 to 16 shares with at least one "
                                           r"above 0"),
-    ("llama_cpp: {tensor_split: [1, -1]}", r"llama_cpp\.tensor_split\[1\]: expected a number >= 0, got -1"),
+    ("llama_cpp: {tensor_split: [1, -1]}", r"llama_cpp\.tensor_split\[1\]: expected a finite number >= 0, got -1"),
     ("llama_cpp: {split_mode: rows}", r"llama_cpp\.split_mode: expected one of none, layer, row, got str 'rows'"),
     ("llama_cpp: {split_mode: row, main_gpu: 1, tensor_split: [1, 0]}",
      r"llama_cpp\.tensor_split: expected a share above 0 for main_gpu 1, which holds the KV cache"),
