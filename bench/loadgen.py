@@ -169,8 +169,10 @@ def summarize_turns(records: list[dict[str, Any]], wall: float, target_s: float)
     prompt = [r["usage"]["prompt_tokens"] for r in ok if (r.get("usage") or {}).get("prompt_tokens") is not None]
     by_turn = {}
     for turn in sorted({r["turn"] for r in ok}):
-        ttfts = [r["ttft"] for r in ok if r["turn"] == turn]
-        by_turn[turn + 1] = {"ttft_p50_s": pct(ttfts, 50), "ttft_max_s": max(ttfts)}
+        these = [r for r in ok if r["turn"] == turn]
+        ttfts = [r["ttft"] for r in these]
+        by_turn[turn + 1] = {"ttft_p50_s": pct(ttfts, 50), "ttft_max_s": max(ttfts),
+                             "prompt_tokens_max": max((r.get("usage") or {}).get("prompt_tokens") or 0 for r in these)}
     t1, tl = pct(first, 50), pct(later, 50)
     return {
         "turns_answered": len(ok), "turns_failed": failed, "wall_s": round(wall, 2),
