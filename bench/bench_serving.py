@@ -54,8 +54,6 @@ from forged.targets import percentile  # noqa: E402
 SHORT_PROMPT = "Write one sentence about lighthouses and the sea at night."
 FILLER = "The quick brown fox jumps over the lazy dog while the river keeps flowing to the sea. "
 DEFAULT_LLAMA_SERVER = REPO / "build" / "llama-server" / "bin" / "llama-server"
-# forged's engine runs on every core the process may use (llama_cpp.n_threads 0); llama-server gets the same.
-THREADS = len(os.sched_getaffinity(0))
 FORGED, LLAMA_SERVER, LLAMA_SERVER_NO_RAM_CACHE = "forged", "llama-server", "llama-server --cache-ram 0"
 
 
@@ -98,36 +96,46 @@ class Endpoint:
         return metric_totals(httpx.get(f"{self.url}/metrics", timeout=10).text, PREFIX_CACHE_COUNTERS)
 
 
-def configs(llama_server: Path | None, *names: str) -> list[str]:
-    """forged, then the llama-server configurations named, where a llama-server binary exists."""
-    if llama_server is None or not llama_server.exists():
-        print(f"(no llama-server at {llama_server}: forged alone; docs/benchmarks.md says how to build one)",
-              flush=True)
-        return [FORGED]
-    return [FORGED, *names]
+@dataclass(frozen=True)
+class Peers:
+    """How the side-by-side scenarios start their servers."""
+
+    llama_server: Path | None = None  # the binary; None or missing: forged alone
+    # Engine threads of both (forged's llama_cpp.n_threads, llama-server's -t and -tb); 0: every core
+    # the process may use, forged's default.
+    threads: int = 0
+
+    def configs(self, *names: str) -> list[str]:
+        """forged, then the llama-server configurations named, where the llama-server binary exists."""
+        if self.llama_server is None or not self.llama_server.exists():
+            print(f"(no llama-server at {self.llama_server}: forged alone; docs/benchmarks.md says how to "
+                  f"build one)", flush=True)
+            return [FORGED]
+        return [FORGED, *names]
 
 
 @contextlib.contextmanager
-def serving(name: str, sessions: int, context: int, llama_server: Path | None = None) -> Iterator[Endpoint]:
+def serving(name: str, sessions: int, context: int, peers: Peers = Peers()) -> Iterator[Endpoint]:
     """One configuration with `sessions` sessions (llama-server: slots) of `context` tokens each.
 
-    forged: the packaged cpu profile with those limits. llama-server: the same GGUF,
-    -np sessions, -c sessions x context, forged's thread count and chat template, and otherwise its defaults;
+    forged: the packaged cpu profile with those limits. llama-server: the same GGUF, -np sessions,
+    -c sessions x context, forged's thread count and chat template, and otherwise its defaults;
     LLAMA_SERVER_NO_RAM_CACHE adds --cache-ram 0 (no host-RAM prompt cache; slots still keep their KV).
     """
     if name == FORGED:
-        daemon = start(profile={"inference": {"max_concurrent_sessions": sessions, "max_seq_len": context}})
+        daemon = start(profile={"inference": {"max_concurrent_sessions": sessions, "max_seq_len": context},
+                                "llama_cpp": {"n_threads": peers.threads}})
         try:
             params = daemon.get("/v1/tensorrt-llm/config")["llama_context_params"]
             yield Endpoint(name, daemon.url, {"llama_context_params": params}, daemon=daemon)
         finally:
             daemon.stop()
         return
-    assert llama_server is not None
+    assert peers.llama_server is not None
     extra = chat_template_args() + (("--cache-ram", "0") if name == LLAMA_SERVER_NO_RAM_CACHE else ())
     log = Path(tempfile.mkdtemp(prefix="llama-server-bench-")) / "llama-server.log"
-    server = start_llama_server(llama_server, model(), log, slots=sessions, ctx_per_slot=context,
-                                threads=THREADS, extra=extra)
+    server = start_llama_server(peers.llama_server, model(), log, slots=sessions, ctx_per_slot=context,
+                                threads=peers.threads or len(os.sched_getaffinity(0)), extra=extra)
     try:
         server.wait_ready(timeout=300)
         yield Endpoint(name, server.url, {"argv": " ".join(server.argv[1:]), "log": str(log)})
@@ -242,26 +250,26 @@ def decode_scaling(tokens: int = 128) -> dict[str, Any]:
 
 
 def prefill_interference(long_tokens: int = 4096, sessions: int = 5, runners: int = 4,
-                         llama_server: Path | None = None, peers: tuple[str, ...] = ()) -> dict[str, Any]:
+                         peers: Peers = Peers(), beside: tuple[str, ...] = ()) -> dict[str, Any]:
     """Worst inter-token gap of `runners` running streams while a 4k-token prompt prefills, against their
-    median gap; and that prompt's TTFT against its TTFT on an idle server. With `peers`, the same on each
+    median gap; and that prompt's TTFT against its TTFT on an idle server. With `beside`, the same on each
     llama-server configuration named, in the same run (the result is then one entry per server)."""
     out: dict[str, Any] = {}
     prompt = None
-    for name in configs(llama_server, *peers) if peers else [FORGED]:
-        with serving(name, sessions, 8192, llama_server) as ep:
+    for name in peers.configs(*beside) if beside else [FORGED]:
+        with serving(name, sessions, 8192, peers) as ep:
             prompt = prompt or _prompt_of(ep.url, long_tokens)
             out[name] = _interference(ep.url, prompt, runners)
             out[name]["long_prompt_tokens"] = long_tokens
     if LLAMA_SERVER in out:
         out["worst_gap_forged_over_llama_server"] = (out[FORGED]["worst_gap_during_prefill_ms"]
                                                      / out[LLAMA_SERVER]["worst_gap_during_prefill_ms"])
-    return out if peers else out[FORGED]
+    return out if beside else out[FORGED]
 
 
-def prefill_interference_8(llama_server: Path | None = None) -> dict[str, Any]:
+def prefill_interference_8(peers: Peers) -> dict[str, Any]:
     """prefill_interference with the KV pool sized for 8 sessions, beside llama-server -np 8."""
-    return prefill_interference(sessions=8, llama_server=llama_server, peers=(LLAMA_SERVER,))
+    return prefill_interference(sessions=8, peers=peers, beside=(LLAMA_SERVER,))
 
 
 def _interference(url: str, prompt: str, runners: int) -> dict[str, Any]:
@@ -311,15 +319,15 @@ def _prompt_of(url: str, n_tokens: int) -> str:
 
 
 def single_stream(sessions: int = 8, context: int = 8192, decode_tokens: int = 128, long_tokens: int = 3300,
-                  runs: int = 3, llama_server: Path | None = None) -> dict[str, Any]:
+                  runs: int = 3, peers: Peers = Peers()) -> dict[str, Any]:
     """One stream alone on a server sized for `sessions` sessions of `context` tokens, beside llama-server
     with as many slots: (a) its decode rate (a short prompt, `decode_tokens` new tokens; after one
     warm-up request, the median of `runs`), and (b) the TTFT of a ~3.3k-token prompt on the idle server
     (the best of `runs`, each prompt a different text from its first token, so no cache answers it)."""
     out: dict[str, Any] = {"sessions": sessions, "context": context, "decode_tokens": decode_tokens}
     long_prompts: list[str] = []
-    for name in configs(llama_server, LLAMA_SERVER):
-        with serving(name, sessions, context, llama_server) as ep:
+    for name in peers.configs(LLAMA_SERVER):
+        with serving(name, sessions, context, peers) as ep:
             if not long_prompts:
                 chars = int(long_tokens / tokens_per_char(ep.url, prose(-1, 6000)))
                 long_prompts = [prose(10_000 + k, chars) for k in range(runs)]
@@ -351,7 +359,7 @@ def single_stream(sessions: int = 8, context: int = 8192, decode_tokens: int = 1
 
 
 def multi_turn(users: int = 4, doc_tokens: int = 3000, turns: int = 3, new_tokens: int = 32,
-               context: int = 8192, llama_server: Path | None = None) -> dict[str, Any]:
+               context: int = 8192, peers: Peers = Peers()) -> dict[str, Any]:
     """`users` users at once, each holding a conversation about its own ~doc_tokens-token document
     (loadgen.conversation: every turn resends the whole history plus a new question, streamed over
     /v1/chat/completions, greedy, `new_tokens` new tokens). forged with `users` sessions of `context`
@@ -365,8 +373,8 @@ def multi_turn(users: int = 4, doc_tokens: int = 3000, turns: int = 3, new_token
     out: dict[str, Any] = {"users": users, "doc_tokens": doc_tokens, "turns": turns, "new_tokens": new_tokens,
                            "context": context}
     documents: list[str] = []
-    for name in configs(llama_server, LLAMA_SERVER, LLAMA_SERVER_NO_RAM_CACHE):
-        with serving(name, users, context, llama_server) as ep:
+    for name in peers.configs(LLAMA_SERVER, LLAMA_SERVER_NO_RAM_CACHE):
+        with serving(name, users, context, peers) as ep:
             if not documents:
                 chars = int(doc_tokens / tokens_per_char(ep.url, prose(-1, 6000)))
                 documents = [prose(user, chars) for user in range(users)]
@@ -526,13 +534,20 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--llama-server", type=Path, default=DEFAULT_LLAMA_SERVER,
                         help="llama-server binary for the side-by-side scenarios (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="engine threads of forged and llama-server in the side-by-side scenarios "
+                        "(default: every core; on a loaded box 1 stalls less)")
     args = parser.parse_args()
+    peers = Peers(args.llama_server, args.threads)
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
     for name in args.only or SCENARIOS:
-        started = time.perf_counter()
-        results[name] = SIDE_BY_SIDE[name](llama_server=args.llama_server) if name in SIDE_BY_SIDE \
+        started, load = time.perf_counter(), os.getloadavg()[0]
+        results[name] = SIDE_BY_SIDE[name](peers=peers) if name in SIDE_BY_SIDE \
             else SCENARIOS[name]()
+        # The box is shared: what else ran shows in the load average around the scenario.
+        results[f"{name}_load_average_1m"] = [load, os.getloadavg()[0]]
+        results[f"{name}_wall_s"] = round(time.perf_counter() - started)
         print(f"== {name} ({time.perf_counter() - started:.0f} s)\n{json.dumps(results[name], indent=2)}",
               flush=True)
     if args.json:
