@@ -64,6 +64,15 @@ async def stream(client: httpx.AsyncClient, url: str, path: str, body: dict[str,
     """One streamed request. Returns status, the send time, the arrival time of every event that
     carries text (the first is the TTFT), the text, and the usage and llama-server timings if sent."""
     sent = time.perf_counter()
+    try:
+        return await _stream(client, url, path, body, sent)
+    except httpx.TransportError as exc:  # the connection failed or closed: a result, not the end of the run
+        return {"status": 0, "code": type(exc).__name__, "error": str(exc)[:200], "sent": sent,
+                "latency": time.perf_counter() - sent}
+
+
+async def _stream(client: httpx.AsyncClient, url: str, path: str, body: dict[str, Any], sent: float
+                  ) -> dict[str, Any]:
     arrivals: list[float] = []
     parts: list[str] = []
     usage: dict[str, Any] | None = None
@@ -125,7 +134,12 @@ async def conversation(client: httpx.AsyncClient, url: str, user: int, document:
         body = {"messages": messages, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
                 "stream_options": {"include_usage": True}, **extra}
         result = await stream(client, url, "/v1/chat/completions", body)
-        result.update(user=user, turn=turn)
+        retried = result.get("code") == "RemoteProtocolError"
+        if retried:
+            # Seen once from llama-server (its prompt cache on): it closed the connection of a request it
+            # had just started without answering. A client would resend; the retry is counted.
+            result = await stream(client, url, "/v1/chat/completions", body)
+        result.update(user=user, turn=turn, retried=retried)
         records.append(result)
         if result["status"] != 200 or result.get("code") or not result.get("arrivals"):
             break
@@ -175,7 +189,8 @@ def summarize_turns(records: list[dict[str, Any]], wall: float, target_s: float)
                              "prompt_tokens_max": max((r.get("usage") or {}).get("prompt_tokens") or 0 for r in these)}
     t1, tl = pct(first, 50), pct(later, 50)
     return {
-        "turns_answered": len(ok), "turns_failed": failed, "wall_s": round(wall, 2),
+        "turns_answered": len(ok), "turns_failed": failed, "turns_retried": sum(1 for r in records if r["retried"]),
+        "wall_s": round(wall, 2),
         "turn1_ttft_p50_s": t1, "turn1_ttft_p99_s": pct(first, 99),
         "later_ttft_p50_s": tl, "later_ttft_p99_s": pct(later, 99),
         "later_over_turn1_p50": tl / t1 if t1 and tl is not None else None,
