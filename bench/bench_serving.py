@@ -4,16 +4,19 @@
 Every scenario starts a real daemon (the packaged cpu profile plus the overrides shown), drives it
 over its real sockets, and compares ratios measured in the same run. Run with:
 
-    .venv/bin/python bench/bench_serving.py [--only NAME ...] [--json out.json]
+    .venv/bin/python bench/bench_serving.py [--only NAME ...] [--json out.json] [--llama-server PATH]
 
 Scenarios: ttft_overhead, decode_scaling, prefill_interference, reject_latency, policies,
-deadline, kv_memory, grammar_interference.
+deadline, kv_memory, grammar_interference; and, beside llama-server in the same run (same GGUF, slots, context per slot
+and threads; docs/benchmarks.md says how to build one): multi_turn, single_stream,
+prefill_interference_8. Without a llama-server binary those run forged alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -22,11 +25,24 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+import yaml
+from loadgen import (
+    PREFIX_CACHE_COUNTERS,
+    counter_deltas,
+    metric_totals,
+    prose,
+    run_conversations,
+    stream,
+    summarize_turns,
+)
+from servers import start_llama_server
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
@@ -38,6 +54,8 @@ from forged.targets import percentile  # noqa: E402
 
 SHORT_PROMPT = "Write one sentence about lighthouses and the sea at night."
 FILLER = "The quick brown fox jumps over the lazy dog while the river keeps flowing to the sea. "
+DEFAULT_LLAMA_SERVER = REPO / "build" / "llama-server" / "bin" / "llama-server"
+FORGED, LLAMA_SERVER, LLAMA_SERVER_NO_RAM_CACHE = "forged", "llama-server", "llama-server --cache-ram 0"
 
 
 def model() -> Path:
@@ -45,29 +63,105 @@ def model() -> Path:
     return path
 
 
+def cpu_profile() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "etc/forged/sku_profiles.yaml").read_text())["profiles"]["cpu"]
+
+
 def start(profile: dict[str, Any] | None = None, settings: dict[str, Any] | None = None) -> Daemon:
     root = Path(tempfile.mkdtemp(prefix="forged-bench-"))
     return Daemon(root, model(), profile=profile, settings=settings).start()
 
 
-async def stream(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> dict[str, Any]:
-    """One streamed completion; returns status, TTFT, token arrival times."""
-    sent = time.perf_counter()
-    arrivals: list[float] = []
-    async with client.stream("POST", f"{url}/v1/completions", json=dict(body, stream=True)) as r:
-        if r.status_code != 200:
-            await r.aread()
-            return {"status": r.status_code, "latency": time.perf_counter() - sent,
-                    "code": r.json()["error"]["code"]}
-        async for line in r.aiter_lines():
-            if line.startswith("data: {") and '"text": ""' not in line:
-                arrivals.append(time.perf_counter())
-    return {"status": 200, "ttft": arrivals[0] - sent if arrivals else None, "arrivals": arrivals, "sent": sent,
-            "end": time.perf_counter()}
+async def completion(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """One streamed /v1/completions request (loadgen.stream): status, TTFT, token arrival times."""
+    return await stream(client, url, "/v1/completions", body)
 
 
 def p(values: list[float], q: float) -> float:
     return percentile(values, q)
+
+
+@dataclass
+class Endpoint:
+    """A running server of one configuration: forged (a Daemon) or llama-server (a Server)."""
+
+    name: str
+    url: str
+    config: dict[str, Any]  # what the report shows about how it was started
+    daemon: Daemon | None = None  # forged's, for its /metrics
+
+    def counters(self) -> dict[str, float]:
+        """forged's prefix-cache counters, where its /metrics has them."""
+        if self.daemon is None:
+            return {}
+        return metric_totals(httpx.get(f"{self.url}/metrics", timeout=10).text, PREFIX_CACHE_COUNTERS)
+
+
+@dataclass(frozen=True)
+class Peers:
+    """How the side-by-side scenarios start their servers."""
+
+    llama_server: Path | None = None  # the binary; None or missing: forged alone
+    # Engine threads of both (forged's llama_cpp.n_threads, llama-server's -t and -tb); 0: every core
+    # the process may use, forged's default.
+    threads: int = 0
+
+    def configs(self, *names: str) -> list[str]:
+        """forged, then the llama-server configurations named, where the llama-server binary exists."""
+        if self.llama_server is None or not self.llama_server.exists():
+            print(f"(no llama-server at {self.llama_server}: forged alone; docs/benchmarks.md says how to "
+                  f"build one)", flush=True)
+            return [FORGED]
+        return [FORGED, *names]
+
+
+@contextlib.contextmanager
+def serving(name: str, sessions: int, context: int, peers: Peers = Peers()) -> Iterator[Endpoint]:
+    """One configuration with `sessions` sessions (llama-server: slots) of `context` tokens each.
+
+    forged: the packaged cpu profile with those limits. llama-server: the same GGUF, -np sessions,
+    -c sessions x context, forged's thread count and chat template, and otherwise its defaults;
+    LLAMA_SERVER_NO_RAM_CACHE adds --cache-ram 0 (no host-RAM prompt cache; slots still keep their KV).
+    """
+    if name == FORGED:
+        daemon = start(profile={"inference": {"max_concurrent_sessions": sessions, "max_seq_len": context},
+                                "llama_cpp": {"n_threads": peers.threads}})
+        try:
+            params = daemon.get("/v1/tensorrt-llm/config")["llama_context_params"]
+            yield Endpoint(name, daemon.url, {"llama_context_params": params}, daemon=daemon)
+        finally:
+            daemon.stop()
+        return
+    assert peers.llama_server is not None
+    extra = chat_template_args() + (("--cache-ram", "0") if name == LLAMA_SERVER_NO_RAM_CACHE else ())
+    log = Path(tempfile.mkdtemp(prefix="llama-server-bench-")) / "llama-server.log"
+    server = start_llama_server(peers.llama_server, model(), log, slots=sessions, ctx_per_slot=context,
+                                threads=peers.threads or len(os.sched_getaffinity(0)), extra=extra)
+    try:
+        server.wait_ready(timeout=300)
+        yield Endpoint(name, server.url, {"argv": " ".join(server.argv[1:]), "log": str(log)})
+    finally:
+        server.stop()
+
+
+def chat_template_args() -> tuple[str, ...]:
+    """llama-server arguments that make it render chats as forged does. With a template in the GGUF both
+    use it (nothing to add). Without one, forged uses libllama's built-in template for the model family
+    (gemma for Gemma 3) and llama-server would use ChatML; --no-jinja --chat-template NAME makes it call
+    the same libllama function with the same name, so both prefill the same tokens."""
+    from forged.engine.kv import read_gguf_metadata
+    from forged.engine.llama_cpp.model import _builtin_template_for  # the engine's own choice, not a copy
+
+    meta, _ = read_gguf_metadata(model())
+    if "tokenizer.chat_template" in meta:
+        return ()
+    return ("--no-jinja", "--chat-template", _builtin_template_for(meta.get("general.architecture", "")))
+
+
+def tokens_per_char(url: str, sample: str) -> float:
+    """This model's tokens per character of `sample`, from a server's usage (one 1-token completion)."""
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": sample, "max_tokens": 1}, timeout=120).json()
+    return r["usage"]["prompt_tokens"] / len(sample)
 
 
 # ------------------------------------------------------------------ scenarios
@@ -83,8 +177,8 @@ def ttft_overhead(n: int = 40, threads: int = 0) -> dict[str, Any]:
             transport = httpx.AsyncHTTPTransport(uds=str(daemon.socket_path))
             async with httpx.AsyncClient(transport=transport, timeout=60) as client:
                 for _ in range(3):
-                    await stream(client, "http://forged", body)
-                return [(await stream(client, "http://forged", body))["ttft"] for _ in range(n)]
+                    await completion(client, "http://forged", body)
+                return [(await completion(client, "http://forged", body))["ttft"] for _ in range(n)]
 
         served = asyncio.run(run())
     finally:
@@ -145,7 +239,7 @@ def decode_scaling(tokens: int = 128) -> dict[str, Any]:
 
     async def run(k: int) -> float:
         async with httpx.AsyncClient(timeout=600) as client:
-            return rate(await asyncio.gather(*(stream(client, daemon.url, body) for _ in range(k))))
+            return rate(await asyncio.gather(*(completion(client, daemon.url, body) for _ in range(k))))
 
     try:
         asyncio.run(run(1))
@@ -156,33 +250,50 @@ def decode_scaling(tokens: int = 128) -> dict[str, Any]:
     return {"single_stream_tok_s": single, "eight_streams_aggregate_tok_s": eight, "ratio": eight / single}
 
 
-def prefill_interference(long_tokens: int = 4096) -> dict[str, Any]:
-    """Worst inter-token gap of 4 running streams while a 4k-token prompt prefills, against their
-    median gap; and that prompt's TTFT against its TTFT on an idle daemon."""
-    daemon = start(profile={"inference": {"max_concurrent_sessions": 5, "max_seq_len": 8192}})
-    long_prompt = _prompt_of(daemon, long_tokens)
-    long_body = {"prompt": long_prompt, "max_tokens": 1, "temperature": 0}
+def prefill_interference(long_tokens: int = 4096, sessions: int = 5, runners: int = 4,
+                         peers: Peers = Peers(), beside: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Worst inter-token gap of `runners` running streams while a 4k-token prompt prefills, against their
+    median gap; and that prompt's TTFT against its TTFT on an idle server. With `beside`, the same on each
+    llama-server configuration named, in the same run (the result is then one entry per server)."""
+    out: dict[str, Any] = {}
+    prompt = None
+    for name in peers.configs(*beside) if beside else [FORGED]:
+        with serving(name, sessions, 8192, peers) as ep:
+            prompt = prompt or _prompt_of(ep.url, long_tokens)
+            out[name] = _interference(ep.url, prompt, runners)
+            out[name]["long_prompt_tokens"] = long_tokens
+    if LLAMA_SERVER in out:
+        out["worst_gap_forged_over_llama_server"] = (out[FORGED]["worst_gap_during_prefill_ms"]
+                                                     / out[LLAMA_SERVER]["worst_gap_during_prefill_ms"])
+    return out if beside else out[FORGED]
+
+
+def prefill_interference_8(peers: Peers) -> dict[str, Any]:
+    """prefill_interference with the KV pool sized for 8 sessions, beside llama-server -np 8."""
+    return prefill_interference(sessions=8, peers=peers, beside=(LLAMA_SERVER,))
+
+
+def _interference(url: str, prompt: str, runners: int) -> dict[str, Any]:
+    # Every long prompt starts with its own words, so none is answered from the KV of another.
+    bodies = [{"prompt": f"Request {k}: {prompt}", "max_tokens": 1, "temperature": 0} for k in range(3)]
     running_body = {"prompt": SHORT_PROMPT, "max_tokens": 400, "ignore_eos": True, "temperature": 0}
 
-    async def idle() -> float:
+    async def idle(body: dict[str, Any]) -> float:
         async with httpx.AsyncClient(timeout=600) as client:
-            return (await stream(client, daemon.url, long_body))["ttft"]
+            return (await completion(client, url, body))["ttft"]
 
     async def loaded() -> dict[str, Any]:
         async with httpx.AsyncClient(timeout=600) as client:
-            runners = [asyncio.create_task(stream(client, daemon.url, running_body)) for _ in range(4)]
-            await asyncio.sleep(3.0)  # all four decoding
+            tasks = [asyncio.create_task(completion(client, url, running_body)) for _ in range(runners)]
+            await asyncio.sleep(3.0)  # all of them decoding
             t0 = time.perf_counter()
-            result = await stream(client, daemon.url, long_body)
+            result = await completion(client, url, bodies[2])
             t1 = time.perf_counter()
-            done = await asyncio.gather(*runners)
+            done = await asyncio.gather(*tasks)
             return {"long": result, "runners": done, "window": (t0, t1)}
 
-    try:
-        idle_ttft = min(asyncio.run(idle()) for _ in range(2))
-        out = asyncio.run(loaded())
-    finally:
-        daemon.stop()
+    idle_ttft = min(asyncio.run(idle(body)) for body in bodies[:2])
+    out = asyncio.run(loaded())
     gaps_all: list[float] = []
     gaps_window: list[float] = []
     t0, t1 = out["window"]
@@ -196,8 +307,7 @@ def prefill_interference(long_tokens: int = 4096) -> dict[str, Any]:
     worst = max(gaps_window) if gaps_window else max(gaps_all)
     loaded_ttft = out["long"]["ttft"]
     return {"median_gap_ms": median * 1000, "worst_gap_during_prefill_ms": worst * 1000,
-            "worst_over_median": worst / median, "long_prompt_tokens": long_tokens,
-            "long_ttft_idle_s": idle_ttft, "long_ttft_loaded_s": loaded_ttft,
+            "worst_over_median": worst / median, "long_ttft_idle_s": idle_ttft, "long_ttft_loaded_s": loaded_ttft,
             "ttft_loaded_over_idle": loaded_ttft / idle_ttft}
 
 
@@ -227,9 +337,9 @@ def grammar_interference(tokens: int = 96, rounds: int = 2) -> dict[str, Any]:
 
     async def run(body: dict[str, Any]) -> dict[str, float]:
         async with httpx.AsyncClient(timeout=600) as client:
-            runners = [asyncio.create_task(stream(client, daemon.url, plain)) for _ in range(3)]
+            runners = [asyncio.create_task(stream(client, daemon.url, "/v1/completions", plain)) for _ in range(3)]
             await asyncio.sleep(1.0)  # the three decoding
-            fourth = await stream(client, daemon.url, body)
+            fourth = await stream(client, daemon.url, "/v1/completions", body)
             done = await asyncio.gather(*runners)
         start_s, end_s = fourth["arrivals"][0], fourth["arrivals"][-1]
         gaps = [b - a for r in done for a, b in itertools.pairwise(r["arrivals"]) if start_s <= a and b <= end_s]
@@ -317,12 +427,81 @@ def _sampling_costs(params: dict[str, Any], repeats: int = 50) -> dict[str, floa
     return {k: round(v, 3) for k, v in costs.items()}
 
 
-def _prompt_of(daemon: Daemon, n_tokens: int) -> str:
-    """A prompt of about n_tokens tokens for this model (measured through the daemon's usage)."""
+def _prompt_of(url: str, n_tokens: int) -> str:
+    """A prompt of about n_tokens tokens for this model (measured through a server's usage)."""
     text = FILLER * (n_tokens // 10)
-    r = httpx.post(f"{daemon.url}/v1/completions", json={"prompt": text[:50], "max_tokens": 1}, timeout=60).json()
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": text[:50], "max_tokens": 1}, timeout=60).json()
     per_char = r["usage"]["prompt_tokens"] / 50
     return text[: int(n_tokens / per_char)]
+
+
+def single_stream(sessions: int = 8, context: int = 8192, decode_tokens: int = 128, long_tokens: int = 3300,
+                  runs: int = 3, peers: Peers = Peers()) -> dict[str, Any]:
+    """One stream alone on a server sized for `sessions` sessions of `context` tokens, beside llama-server
+    with as many slots: (a) its decode rate (a short prompt, `decode_tokens` new tokens; after one
+    warm-up request, the median of `runs`), and (b) the TTFT of a ~3.3k-token prompt on the idle server
+    (the best of `runs`, each prompt a different text from its first token, so no cache answers it)."""
+    out: dict[str, Any] = {"sessions": sessions, "context": context, "decode_tokens": decode_tokens}
+    long_prompts: list[str] = []
+    for name in peers.configs(LLAMA_SERVER):
+        with serving(name, sessions, context, peers) as ep:
+            if not long_prompts:
+                chars = int(long_tokens / tokens_per_char(ep.url, prose(-1, 6000)))
+                long_prompts = [prose(10_000 + k, chars) for k in range(runs)]
+
+            async def one(body: dict[str, Any], url: str = ep.url) -> dict[str, Any]:
+                async with httpx.AsyncClient(timeout=600) as client:
+                    return await completion(client, url, body)
+
+            decode_body = {"prompt": SHORT_PROMPT, "max_tokens": decode_tokens, "ignore_eos": True, "temperature": 0}
+            asyncio.run(one(decode_body))
+            rates = []
+            for _ in range(runs):
+                arr = asyncio.run(one(decode_body))["arrivals"]
+                rates.append((len(arr) - 1) / (arr[-1] - arr[0]))
+            ttfts, prompt_tokens = [], []
+            for text in long_prompts:
+                r = asyncio.run(one({"prompt": text, "max_tokens": 1, "temperature": 0,
+                                     "stream_options": {"include_usage": True}}))
+                ttfts.append(r["ttft"])
+                prompt_tokens.append((r.get("usage") or {}).get("prompt_tokens"))
+            out[name] = {"decode_tok_s": statistics.median(rates), "decode_tok_s_runs": rates,
+                         "long_prompt_ttft_s": min(ttfts), "long_prompt_ttft_s_runs": ttfts,
+                         "long_prompt_tokens": prompt_tokens, **ep.config}
+    if LLAMA_SERVER in out:
+        out["decode_forged_over_llama_server"] = out[FORGED]["decode_tok_s"] / out[LLAMA_SERVER]["decode_tok_s"]
+        out["long_ttft_forged_over_llama_server"] = (out[FORGED]["long_prompt_ttft_s"]
+                                                     / out[LLAMA_SERVER]["long_prompt_ttft_s"])
+    return out
+
+
+def multi_turn(users: int = 4, doc_tokens: int = 3000, turns: int = 3, new_tokens: int = 32,
+               context: int = 8192, peers: Peers = Peers()) -> dict[str, Any]:
+    """`users` users at once, each holding a conversation about its own ~doc_tokens-token document
+    (loadgen.conversation: every turn resends the whole history plus a new question, streamed over
+    /v1/chat/completions, greedy, `new_tokens` new tokens). forged with `users` sessions of `context`
+    tokens, then llama-server with as many slots (its host-RAM prompt cache on, its default; and off).
+
+    Per server: turn-1 and later-turn TTFT P50/P99, answers within the cpu profile's TTFT P99 target per
+    second, prompt tokens sent, the cached tokens the server reported (usage.prompt_tokens_details.
+    cached_tokens, or llama-server's timings.cache_n), and forged's prefix-cache counters' deltas.
+    """
+    target_s = cpu_profile()["targets"]["ttft_p99_ms"] / 1000
+    out: dict[str, Any] = {"users": users, "doc_tokens": doc_tokens, "turns": turns, "new_tokens": new_tokens,
+                           "context": context}
+    documents: list[str] = []
+    for name in peers.configs(LLAMA_SERVER, LLAMA_SERVER_NO_RAM_CACHE):
+        with serving(name, users, context, peers) as ep:
+            if not documents:
+                chars = int(doc_tokens / tokens_per_char(ep.url, prose(-1, 6000)))
+                documents = [prose(user, chars) for user in range(users)]
+            before = ep.counters()
+            records, wall = run_conversations(ep.url, documents, turns, new_tokens)
+            summary = summarize_turns(records, wall, target_s)
+            if ep.daemon is not None:
+                summary["prefix_cache_counters"] = counter_deltas(before, ep.counters())
+            out[name] = {**summary, **ep.config}
+    return out
 
 
 def reject_latency(n: int = 300) -> dict[str, Any]:
@@ -332,11 +511,11 @@ def reject_latency(n: int = 300) -> dict[str, Any]:
 
     async def run() -> list[float]:
         async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=32)) as client:
-            holders = [asyncio.create_task(stream(client, daemon.url, hold)) for _ in range(4)]
+            holders = [asyncio.create_task(completion(client, daemon.url, hold)) for _ in range(4)]
             await asyncio.sleep(2.0)
             latencies = []
             for _ in range(n):
-                r = await stream(client, daemon.url, {"prompt": "x", "max_tokens": 1})
+                r = await completion(client, daemon.url, {"prompt": "x", "max_tokens": 1})
                 assert r["status"] == 503 and r["code"] == "queue_full", r
                 latencies.append(r["latency"])
             for h in holders:
@@ -357,7 +536,7 @@ def _overload(daemon: Daemon, users: int, prompt: str, max_tokens: int, spread_s
 
     async def user(client: httpx.AsyncClient, i: int) -> dict[str, Any]:
         await asyncio.sleep(spread_s * i / max(users - 1, 1))
-        return await stream(client, daemon.url, body)
+        return await completion(client, daemon.url, body)
 
     async def run() -> list[dict[str, Any]]:
         async with httpx.AsyncClient(timeout=1200, limits=httpx.Limits(max_connections=users + 4)) as client:
@@ -387,7 +566,7 @@ def policies() -> dict[str, Any]:
                                 "thresholds": {"max_queue_depth": 32},
                                 "tensorrt_llm": {"scheduler_policy": policy, "kv_cache_max_tokens": 2048}})
         try:
-            prompt = _prompt_of(daemon, 300)
+            prompt = _prompt_of(daemon.url, 300)
             result = _overload(daemon, users=16, prompt=prompt, max_tokens=200)
             result["preemptions"] = daemon.status()["engine"]["preemptions"]
         finally:
@@ -406,7 +585,7 @@ def deadline(users: int = 20, prompt_tokens: int = 1000, target_ms: int = 6000) 
                                 "thresholds": {"max_queue_depth": 20}, "admission": {"mode": mode},
                                 "targets": {"ttft_p99_ms": target_ms}})
         try:
-            prompt = _prompt_of(daemon, prompt_tokens)
+            prompt = _prompt_of(daemon.url, prompt_tokens)
             result = _overload(daemon, users=users, prompt=prompt, max_tokens=32)
         finally:
             daemon.stop()
@@ -426,7 +605,8 @@ def kv_memory(context: int = 4096, sessions: int = 4) -> dict[str, Any]:
     with a 64-token context (everything else equal), divided by the sessions. The engine's own
     figure (/v1/status kv_cache.bytes) is shown beside it.
     """
-    from forged.engine.kv import LLAMA_CPP_DTYPE_BYTES, shape_from_path
+    from forged.engine.kv import LLAMA_CPP_DTYPE_BYTES
+    from forged.engine.shapes import shape_from_path
     shape = shape_from_path(model())
     out = {}
 
@@ -451,12 +631,6 @@ def kv_memory(context: int = 4096, sessions: int = 4) -> dict[str, Any]:
     return out
 
 
-async def _fill(url: str, prompt: str, sessions: int) -> None:
-    async with httpx.AsyncClient(timeout=1200) as client:
-        await asyncio.gather(*(client.post(f"{url}/v1/completions", json={"prompt": f"{i} {prompt}", "max_tokens": 1})
-                               for i in range(sessions)))
-
-
 def _rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -468,18 +642,31 @@ SCENARIOS = {"ttft_overhead": ttft_overhead, "decode_scaling": decode_scaling,
              "prefill_interference": prefill_interference, "reject_latency": reject_latency,
              "policies": policies, "deadline": deadline, "kv_memory": kv_memory,
              "grammar_interference": grammar_interference}
+# Beside llama-server: run only when asked (--only), and given the llama-server binary.
+SIDE_BY_SIDE = {"multi_turn": multi_turn, "single_stream": single_stream,
+                "prefill_interference_8": prefill_interference_8}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", nargs="*", choices=sorted(SCENARIOS))
+    parser.add_argument("--only", nargs="*", choices=sorted({**SCENARIOS, **SIDE_BY_SIDE}))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--llama-server", type=Path, default=DEFAULT_LLAMA_SERVER,
+                        help="llama-server binary for the side-by-side scenarios (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="engine threads of forged and llama-server in the side-by-side scenarios "
+                        "(default: every core; on a loaded box 1 stalls less)")
     args = parser.parse_args()
+    peers = Peers(args.llama_server, args.threads)
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
     for name in args.only or SCENARIOS:
-        started = time.perf_counter()
-        results[name] = SCENARIOS[name]()
+        started, load = time.perf_counter(), os.getloadavg()[0]
+        results[name] = SIDE_BY_SIDE[name](peers=peers) if name in SIDE_BY_SIDE \
+            else SCENARIOS[name]()
+        # The box is shared: what else ran shows in the load average around the scenario.
+        results[f"{name}_load_average_1m"] = [load, os.getloadavg()[0]]
+        results[f"{name}_wall_s"] = round(time.perf_counter() - started)
         print(f"== {name} ({time.perf_counter() - started:.0f} s)\n{json.dumps(results[name], indent=2)}",
               flush=True)
     if args.json:

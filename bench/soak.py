@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from conftest import Daemon, sse_events  # noqa: E402  (the same harness the integration tests use)
 
 from forged.config import ModelSettings  # noqa: E402
+from forged.metrics import ADMITTED_OUTCOMES, OUTCOMES  # noqa: E402
 from forged.models import resolve_model  # noqa: E402
 from forged.targets import percentile  # noqa: E402
 
@@ -397,12 +398,11 @@ def verdict(daemon: Daemon, result: dict[str, Any], args: argparse.Namespace) ->
         if left:
             reasons.append(f"not idle after the run: {left}")
         m = metrics(daemon)
-        outcomes = {o: m[f'forge_requests_total{{outcome="{o}"}}'] for o in ("completed", "cancelled", "failed",
-                                                                               "rejected")}
+        outcomes = {o: m[f'forge_requests_total{{outcome="{o}"}}'] for o in OUTCOMES}
         result["daemon_counters"] = {"admitted": m["forge_requests_admitted_total"], **outcomes,
                                      "preemptions": m["forge_preemptions_total"]}
-        if m["forge_requests_admitted_total"] != outcomes["completed"] + outcomes["cancelled"] + outcomes["failed"]:
-            reasons.append(f"admitted != completed + cancelled + failed: {result['daemon_counters']}")
+        if m["forge_requests_admitted_total"] != sum(outcomes[o] for o in ADMITTED_OUTCOMES):
+            reasons.append(f"admitted != {' + '.join(ADMITTED_OUTCOMES)}: {result['daemon_counters']}")
         if outcomes["failed"]:
             reasons.append(f"{outcomes['failed']:.0f} requests failed in the engine")
     log = daemon.log_path.read_text(errors="replace")

@@ -1,9 +1,10 @@
 """Session and queue guards.
 
-A request becomes a *session* when a session slot is free and the engine has reserved its KV
-blocks. Until then it waits in the *queue*, strictly FIFO. When the queue is full the request is
-refused at once with 503 "Queue full" and a Retry-After computed from the measured drain rate.
-A preempted session goes back to the head of the queue and resumes when re-admitted.
+A request becomes a *session* when a session slot is free and the engine says it has room for its
+KV (cached prefix blocks count as free). Until then it waits in the *queue*, strictly FIFO. When the
+queue is full the request is refused at once with 503 "Queue full" and a Retry-After computed from
+the measured drain rate. The KV itself belongs to the engine's scheduler: a preempted session stays
+a session, waiting inside the engine to resume, and the engine tells admission when room frees up.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from forged.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-DRAIN_WINDOW_S = 120.0
+# How many finished sessions the drain rate averages over.
+RECENT_SESSIONS = 32
 MAX_RETRY_AFTER_S = 600
 
 
@@ -44,6 +46,8 @@ class Ticket:
     started: float | None = None
     done: bool = False
     predicted_ttft_s: float | None = None
+    # Prompt tokens the engine expected to compute when the request arrived (not found cached).
+    to_prefill: int = 0
 
     @property
     def request_id(self) -> str:
@@ -66,7 +70,9 @@ class Admission:
         self.sessions: dict[str, Ticket] = {}
         self.queue: deque[Ticket] = deque()
         self.draining = False
-        self._completions: deque[float] = deque()
+        # How long each recent session lasted, start to end (time when nothing ran never enters it),
+        # with the engine's per-sequence decode rate when it ended.
+        self._durations: deque[tuple[float, float]] = deque(maxlen=RECENT_SESSIONS)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -79,8 +85,8 @@ class Admission:
         if self.draining:
             self.metrics.reject("shutting_down")
             raise Refused(503, "shutting_down", "forged is shutting down", retry_after=self._retry_after())
-        ticket = Ticket(request=request, arrived=time.monotonic())
-        predicted = self.predict_ttft(request)
+        ticket = Ticket(request=request, arrived=time.monotonic(), to_prefill=self._to_prefill(request))
+        predicted = self.predict_ttft(ticket.to_prefill)
         if predicted is not None and received is not None:
             predicted += ticket.arrived - received
         ticket.predicted_ttft_s = predicted
@@ -107,14 +113,15 @@ class Admission:
         return ticket
 
     def finish(self, ticket: Ticket, outcome: str) -> None:
-        """The request is over (completed, cancelled or failed): free its session or queue place."""
+        """The request is over (completed, cancelled, failed or client_stalled): free its session or queue place."""
         if ticket.done:
             return
         ticket.done = True
         if ticket in self.queue:
             self.queue.remove(ticket)
-        if self.sessions.pop(ticket.request_id, None) is not None:
-            self._completions.append(time.monotonic())
+        if self.sessions.get(ticket.request_id) is ticket and ticket.started is not None:
+            self._durations.append((time.monotonic() - ticket.started, self._per_sequence_rate()))
+        self.sessions.pop(ticket.request_id, None)
         # The engine frees the sequence's KV at once; for a sequence that already finished this is a no-op.
         self.engine.cancel(ticket.request_id)
         self.metrics.requests.labels(outcome).inc()
@@ -124,12 +131,10 @@ class Admission:
         self._pump()
 
     def on_preempted(self, request_id: str) -> None:
-        ticket = self.sessions.pop(request_id, None)
-        if ticket is None or ticket.done:
-            return
-        self.metrics.preemptions.inc()
-        self.queue.appendleft(ticket)
-        self._pump()
+        """The engine preempted a session to free KV: it stays a session (the engine resumes it
+        first, before anything admitted later); only the count moves."""
+        if request_id in self.sessions:
+            self.metrics.preemptions.inc()
 
     # ------------------------------------------------------------ control
 
@@ -158,7 +163,7 @@ class Admission:
     def _try_start(self, ticket: Ticket) -> bool:
         if len(self.sessions) >= self.limits.max_sessions:
             return False
-        if not self.engine.try_reserve(ticket.request_id, self.engine.blocks_needed(ticket.request)):
+        if not self.engine.has_room_for(ticket.request):
             return False
         self.sessions[ticket.request_id] = ticket
         self._idle.clear()
@@ -175,7 +180,7 @@ class Admission:
         if not self.queue and not self.sessions:
             self._idle.set()
 
-    def predict_ttft(self, request: GenerationRequest) -> float | None:
+    def predict_ttft(self, to_prefill: int) -> float | None:
         """Seconds until this request's first token, from the measured prefill rate and the prompt
         tokens ahead of it (running sessions' unfinished prefill and the queue), plus the wait for a
         session when all are taken. None before the engine has measured anything."""
@@ -183,37 +188,51 @@ class Admission:
         rate = stats.prefill_tokens_per_s
         if rate <= 0:
             return None
-        ahead = stats.prefill_backlog_tokens + sum(len(t.request.prompt_tokens) for t in self.queue)
+        ahead = stats.prefill_backlog_tokens + sum(t.to_prefill for t in self.queue)
         slots_short = len(self.queue) + 1 - (self.limits.max_sessions - len(self.sessions))
         drain = self._drain_rate()
         wait_for_session = slots_short / drain if slots_short > 0 and drain else 0.0
-        return max(ahead / rate, wait_for_session) + len(request.prompt_tokens) / rate
+        return max(ahead / rate, wait_for_session) + to_prefill / rate
+
+    def _to_prefill(self, request: GenerationRequest) -> int:
+        """The prompt tokens the engine will really compute: those its prefix cache lacks."""
+        return len(request.prompt_tokens) - self.engine.expected_cached_tokens(request.prompt_tokens)
 
     def _drain_rate(self) -> float:
-        """Sessions finished per second over the last DRAIN_WINDOW_S. Before two have finished, it is
-        estimated from the running sessions' expected durations (or, before the engine has measured
-        its rates, from the oldest session's age); 0 when idle."""
-        now = time.monotonic()
-        while self._completions and now - self._completions[0] > DRAIN_WINDOW_S:
-            self._completions.popleft()
-        if len(self._completions) >= 2:
-            return len(self._completions) / max(now - self._completions[0], 1e-3)
+        """Sessions expected to end per second from now: by Little's law, the sessions running divided
+        by how long a session lasts. How long: the last RECENT_SESSIONS that ended, each rescaled by
+        how fast the engine decodes a sequence now against when it ended (on a CPU two sessions each
+        take twice as long as one alone; on a GPU nearly as long). A duration only counts time its
+        session existed, so a quiet spell before a burst does not dilute the rate: sessions finished
+        per wall-clock second over a fixed window did, and overstated Retry-After 10-140x after an idle
+        minute. Before any session has ended, a session is expected to last its prompt's prefill plus
+        its max_tokens at the engine's measured rates (or, before it has measured those, the oldest
+        running session's age); 0 when nothing runs."""
+        running = len(self.sessions)
+        if not running:
+            return 0.0
+        now_rate = self._per_sequence_rate()
+        if self._durations:
+            expected = [duration * (then_rate / now_rate if then_rate > 0 and now_rate > 0 else 1.0)
+                        for duration, then_rate in self._durations]
+            return running / max(sum(expected) / len(expected), 1e-3)
         stats = self.engine.stats()
-        if self.sessions and stats.prefill_tokens_per_s > 0 and stats.decode_tokens_per_s > 0:
-            # Nothing finished yet: expect each session to last its prompt's prefill plus its
-            # max_tokens at this engine's per-sequence decode rate.
-            per_sequence = stats.decode_tokens_per_s / max(stats.running, 1)
-            mean = sum(len(t.request.prompt_tokens) / stats.prefill_tokens_per_s
-                       + t.request.sampling.max_tokens / per_sequence for t in self.sessions.values())
-            return len(self.sessions) ** 2 / max(mean, 1e-3)
-        if self.sessions:
-            oldest = min(t.started or now for t in self.sessions.values())
-            return len(self.sessions) / max(now - oldest, 1.0)
-        return 0.0
+        if stats.prefill_tokens_per_s > 0 and now_rate > 0:
+            expected = [t.to_prefill / stats.prefill_tokens_per_s + t.request.sampling.max_tokens / now_rate
+                        for t in self.sessions.values()]
+            return running / max(sum(expected) / running, 1e-3)
+        now = time.monotonic()
+        oldest = min(t.started or now for t in self.sessions.values())
+        return running / max(now - oldest, 1.0)
+
+    def _per_sequence_rate(self) -> float:
+        """Tokens a second one session decodes now: the engine's recent decode rate over the sessions."""
+        return self.engine.stats().decode_tokens_per_s / max(len(self.sessions), 1)
 
     def _retry_after(self) -> int:
-        """Seconds until a place is likely free: the requests ahead divided by the drain rate."""
+        """Seconds until the requests now queued have all started, at the drain rate (with no queue,
+        until a session ends): a retry then finds room."""
         rate = self._drain_rate()
         if rate <= 0:
             return 1
-        return max(1, min(MAX_RETRY_AFTER_S, math.ceil((len(self.queue) + 1) / rate)))
+        return max(1, min(MAX_RETRY_AFTER_S, math.ceil(max(len(self.queue), 1) / rate)))

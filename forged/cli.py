@@ -107,7 +107,11 @@ def forgectl_main(argv: list[str] | None = None) -> int:
           f"(max_num_tokens {levers['max_num_tokens']})")
     print(f"sessions  {status['sessions']['active']}/{status['sessions']['max']}   "
           f"queue {status['queue']['depth']}/{status['queue']['max']}   "
-          f"KV blocks {kv['blocks_used']}/{kv['blocks_total']} used")
+          f"KV blocks {kv['blocks_used']}/{kv['blocks_total']} used, {kv.get('blocks_cached', 0)} cached")
+    cache = status.get("prefix_cache")
+    if cache:
+        rate = "-" if cache["hit_rate"] is None else f"{100 * cache['hit_rate']:.1f}%"
+        print(f"prefix    {rate} of {cache['queries_tokens']} prompt tokens found cached")
     for warning in filter(None, [status["sessions"].get("memory_warning"), status["engine"].get("fallback")]):
         print(f"WARNING   {warning}")
     if status.get("pending_restart"):

@@ -24,6 +24,8 @@ DROPIN_DIR = "conf.d"
 DEFAULT_PROFILES_DIR = Path("/usr/share/forged/profiles")
 
 KvDtype = Literal["fp32", "fp16", "bf16", "fp8"]
+# libllama's LLAMA_MAX_DEVICES: the longest tensor_split it reads.
+MAX_GPUS = 16
 SchedulerPolicy = Literal["max_utilization", "guaranteed_no_evict"]
 
 
@@ -38,6 +40,13 @@ class HttpListener:
     # but the probes needs `Authorization: Bearer <key>` (forged/api/auth.py). Relative paths are
     # read from the config dir. Required for a host that is not loopback.
     api_keys_file: str | None = None
+    # true: GET /metrics needs no key either. For scrapers that cannot send one, such as the Kubernetes
+    # inference gateway's endpoint picker (docs/scaling.md); the gauges reveal load, never content.
+    metrics_without_key: bool = False
+    # true: TCP is never served without API keys, loopback included (a config without
+    # api_keys_file then refuses to start). false (the packaged default): loopback TCP without keys
+    # is open to every local user, whatever the UNIX socket's group says (docs/api.md, Security).
+    require_keys_on_loopback: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,12 @@ class ServerSettings:
     # The request line and each header line; a longer one gets 400 and the connection closes.
     max_header_bytes: int = field(8190, lo=1024, hi=1024 * 1024)
     max_headers: int = field(100, lo=16, hi=10_000)
+    # A client that takes none of its answer for this long (its socket buffers full) is hung up on:
+    # its session and KV are freed and it counts as forge_requests_total{outcome="client_stalled"}.
+    write_timeout_s: float = field(30.0, lo=0.1, hi=3600)
+    # Request bodies being received and parsed at once, across connections, in bytes (a body counts
+    # its Content-Length, or max_body_bytes when it has none). Past it: 503 server_busy.
+    max_body_bytes_in_flight: int = field(32 * 1024 * 1024, lo=1024, hi=64 * 1024 * 1024 * 1024)
 
 
 @dataclass(frozen=True)
@@ -115,6 +130,13 @@ class EngineLevers:
     free_gpu_memory_fraction: float = field(0.9, lo=0.01, hi=1.0)
     # Hard cap on KV tokens (TensorRT-LLM's KvCacheConfig.max_tokens); the smaller of the two wins.
     kv_cache_max_tokens: int | None = field(None, lo=64)
+    # Bytes of host RAM that may keep KV evicted from the GPU, to restore it on a later hit
+    # (KvCacheConfig.host_cache_size). Discrete GPUs only: on unified memory (Jetson) and CPU boxes
+    # it would copy memory into itself, and forged leaves it off there.
+    host_cache_size: int | None = field(None, lo=0)
+    # GPUs one model is sharded over (TensorRT-LLM's LLM(tensor_parallel_size=...)): the first N that
+    # CUDA shows. The embedded engine spreads a model with llama_cpp.split_mode instead.
+    tensor_parallel_size: int = field(1, lo=1, hi=64)
 
 
 @dataclass(frozen=True)
@@ -148,10 +170,23 @@ class LlamaCppOptions:
     n_threads: int = field(0, lo=0, hi=1024)
     n_gpu_layers: int = field(0, lo=-1, hi=10_000)
     n_ubatch: int = field(512, lo=1, hi=65536)
-    # true: one KV pool shared by every session (blocks on demand, preemption; attention scans the
-    # whole pool, cheap for short contexts). false: a full-context stream per session (attention
-    # sees only its own cells, the fast choice for many long contexts; memory = sessions x context).
-    kv_unified: bool = True
+    # false (the default): a full-context KV stream per session; attention reads only the stream's own
+    # cells, so one stream decodes as fast however many sessions the profile has, and an idle stream
+    # keeps its last conversation as the prefix cache. Memory = sessions x context. true: one pool
+    # shared by every session (blocks on demand, preemption, more cached prefixes in less memory);
+    # attention scans the whole used part of the pool, which makes every step slower as it fills.
+    kv_unified: bool = False
+    # Keep finished sequences' KV and reuse it for prompts that start with the same tokens.
+    prefix_cache: bool = True
+    # Several GPUs in one box (docs/hardware.md, Several GPUs), counted in CUDA's order of the GPUs
+    # this process sees. layer: whole layers per GPU, each layer's KV with it (libllama's default);
+    # row: each weight matrix split by rows over the GPUs, the KV cache on main_gpu; none: all on
+    # main_gpu. No effect while n_gpu_layers is 0.
+    split_mode: Literal["none", "layer", "row"] = "layer"
+    # The share of the model each GPU gets, e.g. [3, 1] (normalised; 0 leaves a GPU out). Unset: in
+    # proportion to each GPU's free memory when forged starts.
+    tensor_split: tuple[float, ...] | None = field(None, lo=0)
+    main_gpu: int = field(0, lo=0, hi=MAX_GPUS - 1)
 
 
 @dataclass(frozen=True)
@@ -160,7 +195,8 @@ class MatchRule:
 
     A profile's rules are tried in order and the first that holds matches; profiles are tried in
     order too (forged.layers says which) and the first that matches wins. Ranges are half-open:
-    `at_least` <= value < `below`. Compute capability is written major.minor, e.g. 8.9.
+    `at_least` <= value < `below`. Compute capability is written major.minor, e.g. 8.9. Name,
+    memory and compute capability are the engine's first GPU's; gpus counts them all.
     """
 
     kind: Literal["jetson", "gpu", "cpu"] | None = None
@@ -171,6 +207,9 @@ class MatchRule:
     memory_gib_below: float | None = field(None, lo=0)
     compute_capability_at_least: float | None = field(None, lo=0, hi=99)
     compute_capability_below: float | None = field(None, lo=0, hi=99)
+    # NVIDIA GPUs this process sees (NVML's, narrowed by CUDA_VISIBLE_DEVICES); 0 on a CPU box.
+    gpus_at_least: int | None = field(None, lo=0)
+    gpus_below: int | None = field(None, lo=1)
 
 
 @dataclass(frozen=True)
@@ -271,6 +310,14 @@ def _check_settings(settings: Settings, src: Located) -> None:
                           f"(127.0.0.1, ::1, localhost) while listen.http.api_keys_file is unset, got "
                           f"{http.host!r}; to serve beyond loopback set listen.http.api_keys_file "
                           f"(docs/api.md, Security)")
+    if http.enabled and http.require_keys_on_loopback and http.api_keys_file is None:
+        raise ConfigError(f"{src.where('listen.http.require_keys_on_loopback')}: listen.http.require_keys_on_loopback: "
+                          f"true needs listen.http.api_keys_file (or listen.http.enabled: false), got no key file")
+    server = settings.server
+    if server.max_body_bytes_in_flight < server.max_body_bytes:
+        raise ConfigError(f"{src.where('server.max_body_bytes_in_flight')}: server.max_body_bytes_in_flight: expected "
+                          f"at least max_body_bytes ({server.max_body_bytes}), or no body that large could ever be "
+                          f"read, got {server.max_body_bytes_in_flight}")
     if not settings.listen.http.enabled and not settings.listen.unix.enabled:
         raise ConfigError(f"{src.where('listen')}: listen: at least one of http and unix must be enabled")
 
@@ -296,6 +343,22 @@ def _check_profile(name: str, profile: Profile, src: Located) -> None:
         raise ConfigError(f"{src.where(base + '.max_num_tokens')}: {base}.max_num_tokens: expected more "
                           f"than max_concurrent_sessions ({profile.inference.max_concurrent_sessions}), "
                           f"so that every running session can decode each step, got {levers.max_num_tokens}")
+    if levers.tensor_parallel_size > 1 and profile.engine == "llama_cpp":
+        key = f"{base}.tensor_parallel_size"
+        raise ConfigError(f"{src.where(key)}: {key}: expected 1 with engine llama_cpp, got "
+                          f"{levers.tensor_parallel_size}; the embedded engine spreads a model over GPUs with "
+                          f"llama_cpp.split_mode and llama_cpp.tensor_split")
+    split = profile.llama_cpp.tensor_split
+    if split is not None:
+        key = f"profiles.{name}.llama_cpp.tensor_split"
+        if not 1 <= len(split) <= MAX_GPUS or not any(split):
+            raise ConfigError(f"{src.where(key)}: {key}: expected 1 to {MAX_GPUS} shares with at least one above "
+                              f"0, got {list(split)}")
+        if profile.llama_cpp.split_mode == "row" and profile.llama_cpp.main_gpu < len(split) \
+                and not split[profile.llama_cpp.main_gpu]:
+            raise ConfigError(f"{src.where(key)}: {key}: expected a share above 0 for main_gpu "
+                              f"{profile.llama_cpp.main_gpu}, which holds the KV cache with split_mode row, "
+                              f"got {list(split)}")
     if levers.scheduler_policy == "max_utilization" and not levers.enable_chunked_context \
             and profile.engine == "llama_cpp":
         key = f"{base}.enable_chunked_context"
@@ -312,14 +375,14 @@ def _check_match(name: str, profile: Profile, src: Located) -> None:
         if rule == MatchRule():
             raise ConfigError(f"{src.where(base)}: {base}: expected at least one condition (kind, name, "
                               f"memory_gib_at_least, memory_gib_below, compute_capability_at_least, "
-                              f"compute_capability_below), got none")
+                              f"compute_capability_below, gpus_at_least, gpus_below), got none")
         if rule.name is not None:
             try:
                 re.compile(rule.name)
             except re.error as exc:
                 raise ConfigError(f"{src.where(base + '.name')}: {base}.name: expected a regular expression, "
                                   f"got {rule.name!r} ({exc})") from None
-        for what in ("memory_gib", "compute_capability"):
+        for what in ("memory_gib", "compute_capability", "gpus"):
             lo, hi = getattr(rule, f"{what}_at_least"), getattr(rule, f"{what}_below")
             if lo is not None and hi is not None and lo >= hi:
                 raise ConfigError(f"{src.where(f'{base}.{what}_below')}: {base}.{what}_below: expected more "

@@ -9,6 +9,7 @@ cancel the rest, exit 0. SIGHUP: reload guards and targets live (RELOADING=1 ...
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import resource
@@ -17,12 +18,14 @@ import sys
 import time
 from pathlib import Path
 
+from aiohttp import web
+
 from forged import config as config_mod
 from forged import hardware as hardware_mod
 from forged import paths, profiles, sanity
 from forged.admission import Admission, Limits
-from forged.api import auth
-from forged.api.app import build_app, make_runner, open_listeners
+from forged.api import auth, openai
+from forged.api.app import access_summary, build_app, make_runner, open_listeners
 from forged.engine import create_engine
 from forged.engine.base import Engine, EngineError, EngineHooks
 from forged.metrics import Metrics
@@ -37,6 +40,9 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 78  # EX_CONFIG; the unit's RestartPreventExitStatus= stops a restart loop on it
 LOAD_EXTEND_S = 30.0
 STATUS_INTERVAL_S = 2.0
+# After the drain timeout, how long cancelled requests get to write their last event before forged
+# hangs up on the clients that are not reading it, and then for those handlers to end.
+HANG_UP_GRACE_S = 2.0
 
 
 class Daemon:
@@ -56,7 +62,8 @@ class Daemon:
         loaded = config_mod.load(self.config_dir)
         logging.getLogger().setLevel(loaded.settings.logging.level.upper())
         # Checked before anything else starts: a key file others can read is a config error (78).
-        self._api_keys = auth.load_api_keys(loaded.settings.listen.http.api_keys_file, loaded.config_dir)
+        http = loaded.settings.listen.http
+        self._api_keys = auth.load_api_keys(http.api_keys_file, loaded.config_dir, http.metrics_without_key)
         if self._api_keys.configured:
             log.info("API keys: %d from %s required on TCP", len(self._api_keys), self._api_keys.path)
         raise_open_files_limit()
@@ -65,14 +72,13 @@ class Daemon:
         log.info("hardware: %s %s, %d cores, %.1f GiB; profile %s (%s)", hardware.kind, hardware.name,
                  hardware.cores, hardware.memory_total_bytes / 2**30, selection.name, selection.reason)
         # The profile's engine, its model file checked: fails before opening listeners, in one line.
-        choice = create_engine(loaded, selection.name, selection.profile, hardware, paths.state_dir(),
-                               memory_available=lambda: _available(hardware))
+        choice = create_engine(loaded, selection.name, selection.profile, hardware, paths.state_dir())
         engine = choice.engine
         model_name = engine.model_name
         # The metrics read live state at scrape time; `state` exists before any scrape can happen.
         metrics = Metrics(lambda: state.live())
         state = ServiceState(config=loaded, profile_name=selection.name, profile=selection.profile,
-                             hardware=hardware, engine=engine, metrics=metrics,
+                             hardware=hardware, engine=engine, metrics=metrics, placement=choice.placement,
                              test_hooks=os.environ.get("FORGED_TEST_HOOKS") == "1", engine_note=choice.note)
         state.metrics.set_info(sku=selection.name, engine=engine.name, model=model_name,
                                profile=selection.name)
@@ -90,18 +96,22 @@ class Daemon:
         bound_socket: Path | None = None
         await runner.setup()
         inherited = inherited_sockets()
-        auth.require_keys_beyond_loopback(inherited.values(), self._api_keys)
+        auth.require_keys_beyond_loopback(inherited.values(), self._api_keys,
+                                          loaded.settings.listen.http.require_keys_on_loopback)
         try:
             opened = await open_listeners(runner, loaded.settings, socket_path, inherited)
+            state.access = access_summary(runner, self._api_keys.configured)
             if not inherited and loaded.settings.listen.unix.enabled:
                 bound_socket = socket_path
             log.info("listening on %s", ", ".join(opened))
-            # Read before the load: the engine's KV cache then takes its share of what is free.
-            memory_before = hardware_mod.device_memory(hardware)
+            # Read before the load, on the devices that will hold the KV cache: it then takes its share
+            # of what is free there.
+            memory_before = choice.placement.kv_memory(hardware)
             await self._load(engine)
             sessions = None
             if engine.kv_shape is not None:
-                memory = sanity.check(selection.profile, memory_before, engine.kv_shape, engine=engine.name)
+                memory = sanity.check(selection.profile, memory_before, choice.placement.kv_shape(engine.kv_shape),
+                                      engine=engine.name)
                 state.memory_warning = memory.warning
                 if memory.warning:
                     log.warning("%s", memory.warning)
@@ -121,7 +131,7 @@ class Daemon:
             if interval:
                 self._tasks.append(asyncio.create_task(run_watchdog(self.notifier, interval, engine.progress)))
             await self._stop.wait()
-            await self._drain()
+            await self._drain(runner.app)
         finally:
             for task in self._tasks:
                 task.cancel()
@@ -154,7 +164,7 @@ class Daemon:
             time.sleep(delay)
         engine.load()
 
-    async def _drain(self) -> None:
+    async def _drain(self, app: web.Application) -> None:
         state = self.state
         assert state is not None and state.admission is not None
         timeout = state.config.settings.server.drain_timeout_s
@@ -168,7 +178,13 @@ class Daemon:
             left = len(state.admission.sessions) + len(state.admission.queue)
             log.warning("drain timeout: cancelling %d requests still running", left)
             state.admission.cancel_all()
-            await state.admission.wait_idle(5.0)
+            # A client that is not reading cannot take its final event, and its handler would wait
+            # for it up to server.write_timeout_s: hang up on it, so the exit is not held past here.
+            if not await state.admission.wait_idle(HANG_UP_GRACE_S):
+                hung = openai.hang_up(app)
+                log.warning("drain: hung up on %d clients that did not take their final event within %g s",
+                            hung, HANG_UP_GRACE_S)
+                await state.admission.wait_idle(HANG_UP_GRACE_S)
         # Give handlers a moment to write their final events before the listeners close.
         await asyncio.sleep(0.1)
         # The counters die with the process: leave them in the journal, where a request admitted
@@ -258,10 +274,6 @@ class Daemon:
             self.notifier.status(self._status_line())
 
 
-def _available(hardware: hardware_mod.HardwareInfo) -> int:
-    return hardware_mod.device_memory(hardware).available_bytes
-
-
 def _limits(profile: config_mod.Profile, sessions: int | None = None) -> Limits:
     deadline = profile.targets.ttft_p99_ms / 1000 if profile.admission.mode == "deadline" else None
     return Limits(sessions or profile.inference.max_concurrent_sessions, profile.thresholds.max_queue_depth,
@@ -293,6 +305,9 @@ def raise_open_files_limit() -> None:
 
 def main(config_dir: Path) -> int:
     """Run the daemon. Startup failures are one line on stderr (the journal under systemd)."""
+    # A fatal signal (SIGBUS when the mmap'd model file is overwritten in place, SIGSEGV) would
+    # otherwise end the process without a word in the journal; this prints the signal and stacks.
+    faulthandler.enable()
     try:
         return asyncio.run(Daemon(config_dir).run())
     except ConfigError as exc:

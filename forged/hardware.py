@@ -7,7 +7,9 @@
    answers (on Thor it does, but memory queries answer NOT_SUPPORTED), jtop when its service runs.
 2. **Discrete GPU** through nvidia-ml-py (`forged.nvml`): every device's name, UUID, compute
    capability and memory (nvmlMemory_v2: total, used, reserved, free), the driver and CUDA
-   versions. The engine's device is NVML index 0, or the first one CUDA_VISIBLE_DEVICES names.
+   versions. The GPUs the engine may use are those CUDA_VISIBLE_DEVICES names (all when unset), in
+   CUDA's order; the engine's device is the first of them. forged.gpus says which of them a
+   profile's engine uses.
 3. **Otherwise the CPU**: model, cores, MemTotal.
 
 Everything reads through `root` (a filesystem root) and an `NvmlSession` (over `pynvml` or a test
@@ -67,6 +69,9 @@ class HardwareInfo:
     system_memory_total_bytes: int = 0
     # NVML index of the engine's device (None: no discrete GPU in use).
     device_index: int | None = None
+    # NVML indices of the GPUs this process sees through CUDA (CUDA_VISIBLE_DEVICES), in CUDA's
+    # order: CUDA device i is NVML index cuda_gpus[i].
+    cuda_gpus: tuple[int, ...] = ()
     gpus: tuple[GpuInfo, ...] = ()
     driver_version: str | None = None
     cuda_driver_version: str | None = None
@@ -78,6 +83,13 @@ class HardwareInfo:
     @property
     def memory_gib(self) -> float:
         return self.memory_total_bytes / 2**30
+
+    @property
+    def gpu_count(self) -> int:
+        return len(self.cuda_gpus)
+
+    def nvml_gpu(self, index: int) -> GpuInfo | None:
+        return next((gpu for gpu in self.gpus if gpu.index == index), None)
 
     @property
     def gpu(self) -> GpuInfo | None:
@@ -206,25 +218,30 @@ def _replace(obj: Any, **changes: Any) -> Any:
     return replace(obj, **changes)
 
 
-def engine_device(gpus: tuple[GpuInfo, ...], env: Mapping[str, str]) -> tuple[GpuInfo | None, str | None]:
-    """The GPU the engine will use: NVML index 0, or the first device CUDA_VISIBLE_DEVICES names.
+def cuda_devices(gpus: tuple[GpuInfo, ...], env: Mapping[str, str]) -> tuple[tuple[GpuInfo, ...], str | None]:
+    """The GPUs CUDA will show the engine, in CUDA's order: every GPU NVML lists, or those
+    CUDA_VISIBLE_DEVICES names, up to the first entry CUDA cannot resolve (CUDA stops there too).
 
     CUDA numbers devices fastest-first unless CUDA_DEVICE_ORDER=PCI_BUS_ID, NVML in PCI order: on a
-    box of identical GPUs they agree; on a mixed box name the device by UUID.
+    box of identical GPUs they agree; on a mixed box name the devices by UUID.
     """
     if not gpus:
-        return None, None
+        return (), None
     value = env.get("CUDA_VISIBLE_DEVICES")
     if value is None:
-        return gpus[0], None
-    first = value.split(",")[0].strip()
-    if first.isdigit() and int(first) < len(gpus):
-        return gpus[int(first)], f"CUDA_VISIBLE_DEVICES={value}: the engine's device is NVML index {first}"
-    if first.startswith(("GPU-", "MIG-")):
-        found = [gpu for gpu in gpus if gpu.uuid and gpu.uuid.startswith(first)]
-        if len(found) == 1:  # CUDA takes a unique UUID prefix
-            return found[0], f"CUDA_VISIBLE_DEVICES={value}: the engine's device is NVML index {found[0].index}"
-    return None, f"CUDA_VISIBLE_DEVICES={value!r} hides every GPU NVML lists"
+        return gpus, None
+    seen: list[GpuInfo] = []
+    for entry in (part.strip() for part in value.split(",")):
+        found = [gpu for gpu in gpus if entry.isdigit() and gpu.index == int(entry)]
+        if entry.startswith(("GPU-", "MIG-")):
+            found = [gpu for gpu in gpus if gpu.uuid and gpu.uuid.startswith(entry)]
+        if len(found) != 1 or found[0] in seen:  # CUDA takes a unique UUID prefix, each device once
+            break
+        seen.append(found[0])
+    if not seen:
+        return (), f"CUDA_VISIBLE_DEVICES={value!r} hides every GPU NVML lists"
+    indices = ", ".join(str(gpu.index) for gpu in seen)
+    return tuple(seen), f"CUDA_VISIBLE_DEVICES={value}: the engine's GPUs are NVML index {indices}, in that order"
 
 
 # ---------------------------------------------------------------- probe
@@ -263,11 +280,14 @@ def _probe(root: Path, nvml: NvmlSession | None, env: Mapping[str, str] | None, 
             notes.append(f"jtop {jetson.jtop}")
         return HardwareInfo(kind="jetson", name=jetson.model, memory_total_bytes=sysmem.total_bytes,
                             unified_memory=True, compute_capability=cc, jetson=jetson,
-                            device_index=gpu.index if gpu else None, notes=tuple(notes), **common)
+                            device_index=gpu.index if gpu else None, notes=tuple(notes),
+                            cuda_gpus=tuple(g.index for g in view.gpus), **common)
 
-    gpu, why = engine_device(view.gpus, env)
+    visible, why = cuda_devices(view.gpus, env)
     if why:
         notes.append(why)
+    gpu = visible[0] if visible else None
+    common["cuda_gpus"] = tuple(g.index for g in visible)
     if gpu is not None:
         if gpu.memory_total_bytes is None:
             # An integrated GPU that NVML lists but whose memory it cannot report (GB10 does this):
@@ -287,24 +307,32 @@ def _probe(root: Path, nvml: NvmlSession | None, env: Mapping[str, str] | None, 
 _warned_memory = False
 
 
-def device_memory(hardware: HardwareInfo, *, root: Path = Path("/"), nvml: NvmlSession | None = None) -> MemoryReading:
-    """Memory of the device the engine runs on, read now.
+def device_memory(hardware: HardwareInfo, *, root: Path = Path("/"), nvml: NvmlSession | None = None,
+                  gpus: tuple[int, ...] | None = None) -> MemoryReading:
+    """Memory of the devices the engine runs on, read now.
 
-    A discrete GPU: NVML v2 used/reserved/total of the engine's device. CPU boxes and unified-memory
-    machines (Jetson): MemTotal, and MemTotal - MemAvailable as used. If NVML stops answering, the
-    probe's reading stands in (logged once).
+    Discrete GPUs: NVML v2 used/reserved/total, summed over `gpus` (NVML indices; default: the
+    engine's first GPU). CPU boxes and unified-memory machines (Jetson): MemTotal, and MemTotal -
+    MemAvailable as used. If NVML stops answering, the probe's reading stands in (logged once).
     """
-    global _warned_memory
     if hardware.unified_memory or hardware.device_index is None:
         return system_memory(root)
+    readings = [gpu_memory(hardware, index, nvml=nvml) for index in (gpus or (hardware.device_index,))]
+    return MemoryReading(sum(r.used_bytes for r in readings), sum(r.total_bytes for r in readings),
+                         sum(r.reserved_bytes for r in readings))
+
+
+def gpu_memory(hardware: HardwareInfo, index: int, *, nvml: NvmlSession | None = None) -> MemoryReading:
+    """One discrete GPU's memory (NVML index), read now; the probe's reading if NVML stops answering."""
+    global _warned_memory
     session = nvml if nvml is not None else default_nvml()
-    handle = session.call("nvmlDeviceGetHandleByIndex", hardware.device_index)
+    handle = session.call("nvmlDeviceGetHandleByIndex", index)
     memory = handle if failed(handle) else nvml_mod.device_memory(session, handle)
     if not failed(memory):
         return MemoryReading(memory.used_bytes, memory.total_bytes, memory.reserved_bytes)
     if not _warned_memory:
         log.warning("GPU memory read failed (%s); reporting the reading taken at start", memory)
         _warned_memory = True
-    gpu = hardware.gpu
-    return MemoryReading(gpu.memory_used_bytes or 0 if gpu else 0, hardware.memory_total_bytes,
+    gpu = hardware.nvml_gpu(index)
+    return MemoryReading(gpu.memory_used_bytes or 0 if gpu else 0, gpu.memory_total_bytes or 0 if gpu else 0,
                          gpu.memory_reserved_bytes or 0 if gpu else 0)

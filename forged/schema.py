@@ -8,6 +8,7 @@ on: ``/etc/forged/forged.yaml:12: listen.http.port: expected an integer in 0..65
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -155,8 +156,11 @@ def _convert(tp: Any, value: Any, located: Located, key: str, meta: Any) -> Any:
             raise ConfigError(f"{located.where(key)}: {key}: expected {what}{_range_text(meta)}, "
                               f"got {describe_value(value)}")
         lo, hi = meta.get("lo"), meta.get("hi")
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            what = "an integer" if tp is int else "a number"
+        # YAML's .nan compares false with everything, so it would pass any range; .inf passes an
+        # open one. Neither is a setting.
+        finite = not isinstance(value, float) or math.isfinite(value)
+        if not finite or (lo is not None and value < lo) or (hi is not None and value > hi):
+            what = "an integer" if tp is int else "a finite number"
             raise ConfigError(f"{located.where(key)}: {key}: expected {what}{_range_text(meta)}, "
                               f"got {value}")
         return tp(value)

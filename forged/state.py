@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from forged.admission import Admission
 from forged.config import LoadedConfig, Profile
 from forged.engine.base import Engine
-from forged.hardware import HardwareInfo, device_memory
+from forged.gpus import Placement
+from forged.hardware import HardwareInfo
 from forged.metrics import LiveState, Metrics
 
 Phase = Literal["loading", "ready", "draining", "failed"]
@@ -23,6 +24,8 @@ class ServiceState:
     hardware: HardwareInfo
     engine: Engine
     metrics: Metrics
+    # The GPUs the engine uses and how the model is spread over them (forged.gpus).
+    placement: Placement
     admission: Admission | None = None
     phase: Phase = "loading"
     failure: str | None = None
@@ -35,6 +38,8 @@ class ServiceState:
     pending_restart: list[str] = field(default_factory=list)
     # Set when the engine running is not the one the profile names (engine_fallback), and why.
     engine_note: str | None = None
+    # The listeners and whether TCP needs a key (api.app.access_summary), once they are open.
+    access: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_id(self) -> str:
@@ -44,7 +49,7 @@ class ServiceState:
         """Snapshot for /metrics and /v1/status; None until the engine exists."""
         admission = self.admission
         stats = self.engine.stats()
-        memory = device_memory(self.hardware)
+        memory = self.placement.memory(self.hardware)
         return LiveState(
             active_sessions=len(admission.sessions) if admission else 0,
             queue_depth=len(admission.queue) if admission else 0,
@@ -55,6 +60,10 @@ class ServiceState:
             target_ttft_p99_ms=self.profile.targets.ttft_p99_ms,
             kv_blocks_total=stats.kv_blocks_total,
             kv_blocks_used=stats.kv_blocks_used,
+            kv_blocks_cached=stats.kv_blocks_cached,
+            kv_tokens_per_block=stats.tokens_per_block,
             memory_used_bytes=memory.used_bytes,
             memory_total_bytes=memory.total_bytes,
+            prefix_cache_queries=stats.prefix_cache_queries,
+            prefix_cache_hits=stats.prefix_cache_hits,
         )

@@ -66,6 +66,9 @@ if [ $WITH_TEST -eq 1 ]; then
       || { apt-get -o DPkg::Lock::Timeout=600 update -qq && apt-get download prometheus; })
     dpkg-deb -x build/tools/prometheus_*.deb build/tools
   fi
+  # tests/integration/test_haproxy.py runs deploy/haproxy/haproxy.cfg in Debian's haproxy (its own
+  # processes on loopback; the package's default config serves nothing).
+  apt_install haproxy
   # System tests (tests/system): build the Debian package and boot it in a Debian 12 container
   # under systemd-nspawn. systemd-container may also update the host's systemd packages.
   apt_install debootstrap systemd-container dpkg-dev debhelper dh-python pybuild-plugin-pyproject \

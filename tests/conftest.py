@@ -74,6 +74,10 @@ class Daemon:
                 "model": {"path": str(model)}, "server": {"drain_timeout_s": 20}, "profile": "cpu"}
         self.settings = deep_merge(base, settings or {})
         profiles = yaml.safe_load((PACKAGED_CONFIG / "sku_profiles.yaml").read_text())
+        if os.environ.get("FORGED_TEST_THREADS"):
+            # On a box shared with other busy processes, two ggml threads spin-wait on each other and
+            # throughput collapses; this pins the engine's threads unless the test sets them itself.
+            profile = deep_merge({"llama_cpp": {"n_threads": int(os.environ["FORGED_TEST_THREADS"])}}, profile or {})
         profiles["profiles"]["cpu"] = deep_merge(profiles["profiles"]["cpu"], profile or {})
         self.profiles = profiles
         self.write_config()

@@ -15,10 +15,11 @@ import stat
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
-from forged.api import openai, openapi, ops, redact
+from forged.api import body, openai, openapi, ops, redact
 from forged.api.auth import API_KEYS, ApiKeys, require_api_key
 from forged.api.errors import MAX_BODY, error_middleware
 from forged.config import Settings
@@ -55,18 +56,29 @@ async def stamp_arrival(request: web.Request, handler: Handler) -> web.StreamRes
     return await handler(request)
 
 
+# How long aiohttp's own shutdown waits for a handler (its default: 60 s, then 60 s more).
+SHUTDOWN_TIMEOUT_S = 1.0
+# Routes whose body is read by body.read_json, which answers `Expect: 100-continue` itself.
+BODY_ROUTES = frozenset({openai.completions, openai.chat_completions})
+
+
 def build_app(state: ServiceState, api_keys: ApiKeys | None = None) -> web.Application:
-    max_body = state.config.settings.server.max_body_bytes
-    app = web.Application(middlewares=[stamp_arrival, require_api_key, error_middleware], client_max_size=max_body)
+    server = state.config.settings.server
+    app = web.Application(middlewares=[body.close_unread_body, stamp_arrival, require_api_key, error_middleware],
+                          client_max_size=server.max_body_bytes)
     app[API_KEYS] = api_keys or ApiKeys()
     redact.install()
     app[openai.STATE] = state
     app[openai.WINDOW] = LatencyWindow()
+    app[openai.WRITE_TIMEOUT] = server.write_timeout_s
+    app[openai.ANSWERING] = {}
     openai.add_tokenizer_pool(app)
-    app[MAX_BODY] = max_body
+    body.setup(app, server.max_body_bytes_in_flight, server.body_timeout_s)
+    app[MAX_BODY] = server.max_body_bytes
     routes = ROUTES + (TEST_ROUTES if state.test_hooks else [])
     for method, path, handler in routes:
-        app.router.add_route(method, path, handler)
+        app.router.add_route(method, path, handler,
+                             expect_handler=body.expect_continue_later if handler in BODY_ROUTES else None)
     return app
 
 
@@ -82,7 +94,19 @@ def make_runner(app: web.Application) -> web.AppRunner:
     if "handler_cancellation" in inspect.signature(web.AppRunner.__init__).parameters or \
             "handler_cancellation" in inspect.signature(web.Server.__init__).parameters:
         kwargs["handler_cancellation"] = True
+    # The daemon's drain has ended every admitted request before the runner shuts down; what is left
+    # (a body still arriving, an idle connection) must not hold the exit for aiohttp's default 60 s.
+    # aiohttp 3.9+ takes the timeout on the runner, 3.8 (Debian 12) on each site (_site_kwargs).
+    if _RUNNER_TAKES_SHUTDOWN_TIMEOUT:
+        kwargs["shutdown_timeout"] = SHUTDOWN_TIMEOUT_S
     return web.AppRunner(app, **kwargs)  # type: ignore[arg-type]
+
+
+_RUNNER_TAKES_SHUTDOWN_TIMEOUT = "shutdown_timeout" in inspect.signature(web.BaseRunner.__init__).parameters
+
+
+def _site_kwargs() -> dict[str, Any]:
+    return {} if _RUNNER_TAKES_SHUTDOWN_TIMEOUT else {"shutdown_timeout": SHUTDOWN_TIMEOUT_S}
 
 
 async def open_listeners(runner: web.AppRunner, settings: Settings, socket_path: Path,
@@ -92,12 +116,12 @@ async def open_listeners(runner: web.AppRunner, settings: Settings, socket_path:
     opened: list[str] = []
     if inherited:
         for name, sock in inherited.items():
-            await web.SockSite(runner, sock).start()
+            await web.SockSite(runner, sock, **_site_kwargs()).start()
             opened.append(f"{name} (from systemd)")
         return opened
     http = settings.listen.http
     if http.enabled:
-        site = web.TCPSite(runner, http.host, http.port, reuse_address=True)
+        site = web.TCPSite(runner, http.host, http.port, reuse_address=True, **_site_kwargs())
         await site.start()
         opened.append(f"http://{http.host}:{_bound_port(site, http.port)}")
     unix = settings.listen.unix
@@ -118,9 +142,24 @@ async def open_listeners(runner: web.AppRunner, settings: Settings, socket_path:
         except OSError:
             sock.close()
             raise
-        await web.SockSite(runner, sock).start()
+        await web.SockSite(runner, sock, **_site_kwargs()).start()
         opened.append(f"unix:{socket_path}")
     return opened
+
+
+def access_summary(runner: web.AppRunner, tcp_needs_keys: bool) -> dict[str, object]:
+    """Who can reach what, for /v1/status and `forgectl doctor`: the TCP addresses served (any local
+    user can connect to a loopback one), the UNIX sockets (their mode and group decide), and whether
+    TCP needs an API key."""
+    tcp: list[str] = []
+    unix: list[str] = []
+    for address in runner.addresses:
+        if isinstance(address, (tuple, list)):
+            host, port = address[0], address[1]
+            tcp.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        else:
+            unix.append(address.decode(errors="replace") if isinstance(address, bytes) else str(address))
+    return {"tcp": tcp, "unix": unix, "tcp_api_keys": tcp_needs_keys}
 
 
 def bind_private_unix_socket(path: Path) -> socket.socket:

@@ -5,7 +5,8 @@ Policy (docs/api.md, Security):
   except the probes in EXEMPT_ROUTES (they say only alive/ready). A missing or wrong key gets 401.
 - The UNIX socket needs no key: its mode and group (open_listeners) decide who may connect at all.
 - Without keys forged serves TCP on loopback only (config validation; `require_keys_beyond_loopback`
-  for sockets systemd passes).
+  for sockets systemd passes), and not at all with `listen.http.require_keys_on_loopback: true`:
+  loopback TCP without keys is open to every local user, whatever the socket's group says.
 - Keys are never logged; the log says how many were loaded and from where.
 """
 
@@ -28,6 +29,9 @@ from forged.schema import ConfigError
 
 # Probes carry no data and must work for a load balancer or kubelet that has no key.
 EXEMPT_ROUTES = frozenset({"/healthz", "/readyz"})
+# With listen.http.metrics_without_key: for scrapers that cannot send a key (the inference gateway's
+# endpoint picker).
+METRICS_ROUTE = "/metrics"
 MIN_KEY_CHARS = 16
 MAX_KEY_FILE_BYTES = 64 * 1024
 
@@ -41,8 +45,9 @@ class ApiKeys:
     `reload()` (SIGHUP); a failed reload keeps the keys in force.
     """
 
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, exempt: frozenset[str] = EXEMPT_ROUTES) -> None:
         self.path = path
+        self.exempt = exempt  # the routes TCP serves without a key
         self._digests: tuple[bytes, ...] = ()
         if path is not None:
             self.reload()
@@ -72,11 +77,12 @@ class ApiKeys:
 API_KEYS = app_key("api_keys", ApiKeys)
 
 
-def load_api_keys(keys_file: str | None, config_dir: Path) -> ApiKeys:
+def load_api_keys(keys_file: str | None, config_dir: Path, metrics_without_key: bool = False) -> ApiKeys:
     """The keys `listen.http.api_keys_file` names (relative paths from the config dir)."""
     if keys_file is None:
         return ApiKeys()
-    return ApiKeys(config_dir / keys_file)
+    exempt = EXEMPT_ROUTES | {METRICS_ROUTE} if metrics_without_key else EXEMPT_ROUTES
+    return ApiKeys(config_dir / keys_file, exempt)
 
 
 def read_private_file(path: Path) -> str:
@@ -134,13 +140,19 @@ def parse_keys(text: str, where: str) -> list[str]:
     return keys
 
 
-def require_keys_beyond_loopback(sockets: Iterable[socket.socket], keys: ApiKeys) -> None:
-    """Sockets systemd passes bypass the config's loopback rule; the same rule applies to them."""
+def require_keys_beyond_loopback(sockets: Iterable[socket.socket], keys: ApiKeys,
+                                 on_loopback_too: bool = False) -> None:
+    """Sockets systemd passes bypass the config's loopback rule; the same rule applies to them, and
+    with `on_loopback_too` (listen.http.require_keys_on_loopback) to loopback sockets as well."""
     if keys.configured:
         return
     for sock in sockets:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             host = sock.getsockname()[0]
+            if on_loopback_too:
+                raise ConfigError(f"forged.socket passed a TCP socket on {host}, listen.http.require_keys_on_loopback "
+                                  f"is true and no API keys are configured; set listen.http.api_keys_file or "
+                                  f"remove the TCP ListenStream from forged.socket (docs/api.md, Security)")
             if not is_loopback(host):
                 raise ConfigError(f"forged.socket passed a TCP socket on {host}, which is not loopback, and no "
                                   f"API keys are configured; set listen.http.api_keys_file or listen on "
@@ -150,7 +162,7 @@ def require_keys_beyond_loopback(sockets: Iterable[socket.socket], keys: ApiKeys
 @web.middleware
 async def require_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
     keys = request.app[API_KEYS]
-    if not keys.configured or request.path in EXEMPT_ROUTES or _over_unix_socket(request):
+    if not keys.configured or request.path in keys.exempt or _over_unix_socket(request):
         return await handler(request)
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():

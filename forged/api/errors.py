@@ -34,7 +34,7 @@ def app_key(name: str, kind: type) -> Any:
 MAX_BODY = app_key("max_body_bytes", int)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
-          431: "invalid_request_error", 503: "service_unavailable"}
+          417: "invalid_request_error", 431: "invalid_request_error", 503: "service_unavailable"}
 
 
 def error_response(status: int, message: str, code: str | None = None, *, param: str | None = None,
@@ -68,8 +68,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             if request.transport is not None:
                 request.transport.close()
         return response
-    except (ConnectionResetError, asyncio.CancelledError):
-        raise  # the client went away: nothing to answer, nothing to log
+    except asyncio.CancelledError:
+        raise  # the client went away (aiohttp cancelled the handler): nothing to answer, nothing to log
+    except ConnectionResetError:
+        # The client went away mid-body or mid-answer (or was hung up on). Raised on, aiohttp would log
+        # it as an error with a traceback; answered, its write fails quietly on the closed connection.
+        if request.transport is not None:
+            request.transport.abort()
+        return error_response(400, "the client closed the connection", "client_closed")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -78,10 +84,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                    405: f"method {request.method} is not allowed on {request.path}"}.get(exc.status, exc.reason)
         if exc.status == 413:
             message = f"request body is larger than the limit of {request.app[MAX_BODY]} bytes"
-        response = error_response(exc.status, message, code)
-        if exc.status == 413:
-            response.force_close()  # rather than read the rest of an oversized body to keep the connection
-        return response
+        return error_response(exc.status, message, code)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal error in forged; see the daemon log", "internal_error")

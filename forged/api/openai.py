@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -21,19 +22,29 @@ from typing import Any
 from aiohttp import web
 
 from forged.admission import Refused, Ticket
-from forged.api import tools
-from forged.api.errors import MAX_BODY, app_key, error_response, sse_error
+from forged.api import body, tools
+from forged.api.errors import app_key, error_response, sse_error
 from forged.api.requests import BadRequest, ParsedRequest, parse_chat, parse_completion
 from forged.api.responses import ChoiceBuilder, Kind, usage
 from forged.engine.base import Engine, GenerationRequest, RequestRejected, SamplingParams, TokenEvent
 from forged.state import ServiceState
 from forged.targets import LatencyWindow
 
+log = logging.getLogger(__name__)
+
 STATE = app_key("state", ServiceState)
 WINDOW = app_key("window", LatencyWindow)
+WRITE_TIMEOUT = app_key("write_timeout_s", float)
+# The generation requests being answered (admitted, until their handler ends), by id(request), for the
+# drain's hang-up (aiohttp's requests are not hashable).
+ANSWERING = app_key("answering", dict)
 # Tokenizing and validating run here, off the event loop. The pool is joined when the app is cleaned
 # up, before the daemon frees the model: a tokenization still running must not outlive the vocab.
 TOKENIZER_POOL = app_key("tokenizer_pool", ThreadPoolExecutor)
+
+
+class ClientStalled(ConnectionResetError):
+    """The client took none of its answer for server.write_timeout_s, and forged hung up on it."""
 
 
 def add_tokenizer_pool(app: web.Application) -> None:
@@ -72,29 +83,6 @@ def _model_object(state: ServiceState) -> dict[str, Any]:
             "context_length": state.engine.model.context_length or None}
 
 
-async def _read_json(request: web.Request) -> Any:
-    max_body = request.app[MAX_BODY]
-    if request.content_length is not None and request.content_length > max_body:
-        # Refused before a byte of it is read: the declared length alone is over the limit.
-        raise web.HTTPRequestEntityTooLarge(max_body, request.content_length)
-    timeout = request.app[STATE].config.settings.server.body_timeout_s
-    try:
-        # aiohttp waits for a stalled body forever; this bounds what a slow client can hold.
-        raw = await asyncio.wait_for(request.read(), timeout)
-    except TimeoutError:
-        raise BadRequest(f"the request body was not received within {timeout:g} s", status=408,
-                         code="request_timeout") from None
-    try:
-        # Decoded here, strictly: json.loads would let an encoded surrogate (invalid UTF-8) through.
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise BadRequest("the request body is not valid UTF-8") from None
-    except ValueError as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise BadRequest("the request body is nested too deeply") from None
-
-
 async def _wait_until_ready(state: ServiceState) -> web.Response | None:
     """Hold a request that arrives while the model loads; refuse one that arrives while draining."""
     deadline = time.monotonic() + state.config.settings.server.load_wait_s
@@ -111,9 +99,53 @@ async def _wait_until_ready(state: ServiceState) -> web.Response | None:
 
 async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
     state = request.app[STATE]
-    received = request["received"]
     try:
-        parsed = (parse_completion if kind == "completion" else parse_chat)(await _read_json(request))
+        before = await _before_admission(request, state, kind)
+    except (asyncio.CancelledError, ConnectionResetError):
+        # The client left before a verdict: mid-body, or with a half-close right after its request,
+        # which looks the same to a server (EOF; aiohttp then closes and cancels). Counted, not lost.
+        state.metrics.abandon()
+        raise
+    if isinstance(before, web.StreamResponse):
+        return before
+    parsed, generation, plan = before
+    assert state.admission is not None
+    try:
+        ticket = await state.admission.admit(generation, request["received"])
+    except Refused as exc:
+        return error_response(exc.status, exc.message, exc.code, retry_after=exc.retry_after)
+    # Until an answer is complete, the way out is the client leaving (or the write failing).
+    outcome = "cancelled"
+    answering = request.app[ANSWERING]
+    answering[id(request)] = request
+    try:
+        send = _stream if parsed.stream else _collect
+        response, outcome = await send(request, state, ticket, parsed, plan, request["received"])
+        return response
+    except ClientStalled as exc:
+        outcome = "client_stalled"
+        log.warning("%s: %s; its session is freed", ticket.request_id, exc)
+        raise
+    except Exception as exc:
+        # A write to a client that left fails with ConnectionResetError: still "cancelled". Anything
+        # else is forged's own failure and must not pass for the client's choice.
+        if not isinstance(exc, ConnectionResetError):
+            outcome = "failed"
+        raise
+    finally:
+        answering.pop(id(request), None)
+        state.admission.finish(ticket, outcome)
+
+
+async def _before_admission(request: web.Request, state: ServiceState,
+                            kind: Kind) -> tuple[ParsedRequest, GenerationRequest, _Plan] | web.StreamResponse:
+    """Read, parse, validate, wait for the model, tokenize: the request ready for admission, or its
+    refusal (counted here, and returned or raised for the error middleware to answer)."""
+    try:
+        parsed = (parse_completion if kind == "completion" else parse_chat)(await body.read_json(request))
+    except body.Busy as exc:
+        state.metrics.reject("server_busy")
+        return error_response(503, str(exc), "server_busy", retry_after=1)
     except (BadRequest, web.HTTPRequestEntityTooLarge):
         state.metrics.reject("invalid_request")  # the middleware turns it into the error object
         raise
@@ -124,7 +156,6 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
     not_ready = await _wait_until_ready(state)
     if not_ready is not None:
         return not_ready
-    assert state.admission is not None
     try:
         # Off the event loop: tokenizing a 20k-token prompt takes tens of milliseconds, and a burst
         # of them would otherwise hold up every other request (and each other) in turn.
@@ -133,24 +164,36 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
     except RequestRejected as exc:
         state.metrics.reject("invalid_request")
         return error_response(400, str(exc), exc.code, param=exc.param)
+    return parsed, generation, plan
+
+
+async def _send(request: web.Request, write: Awaitable[Any]) -> None:
+    """One write of an answer, allowed server.write_timeout_s. A client that stops reading fills its
+    socket buffers, and then aiohttp's write waits for it forever, holding the session."""
+    timeout = request.app[WRITE_TIMEOUT]
     try:
-        ticket = await state.admission.admit(generation, received)
-    except Refused as exc:
-        return error_response(exc.status, exc.message, exc.code, retry_after=exc.retry_after)
-    # Until an answer is complete, the way out is the client leaving (or the write failing).
-    outcome = "cancelled"
-    try:
-        send = _stream if parsed.stream else _collect
-        response, outcome = await send(request, state, ticket, parsed, plan, received)
-        return response
-    except Exception as exc:
-        # A write to a client that left fails with ConnectionResetError: still "cancelled". Anything
-        # else is forged's own failure and must not pass for the client's choice.
-        if not isinstance(exc, ConnectionResetError):
-            outcome = "failed"
-        raise
-    finally:
-        state.admission.finish(ticket, outcome)
+        async with asyncio.timeout(timeout):
+            await write
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()  # drops what is still buffered for it; the handler ends now
+        raise ClientStalled(f"the client took none of its answer for {timeout:g} s (server.write_timeout_s); "
+                            f"hung up") from None
+
+
+async def _deliver(request: web.Request, response: web.StreamResponse) -> None:
+    await response.prepare(request)
+    await response.write_eof()
+
+
+def hang_up(app: web.Application) -> int:
+    """Abort the connection of every generation request still being answered; their handlers end at
+    once, cancelled. The drain's last step, for clients that stopped reading their final event."""
+    requests = list(app[ANSWERING].values())
+    for request in requests:
+        if request.transport is not None:
+            request.transport.abort()
+    return len(requests)
 
 
 @dataclass(frozen=True)
@@ -245,8 +288,11 @@ class _Timing:
         self.first: float | None = None
         self.last: float | None = None
         self.tokens = 0
+        self.cached_tokens = 0
 
     def on_event(self, event: TokenEvent) -> None:
+        if event.cached_tokens is not None:
+            self.cached_tokens = event.cached_tokens
         if not event.token_ids:
             return
         now = time.monotonic()
@@ -271,8 +317,8 @@ class _Timing:
             self.window.add_tps(tps)
 
 
-def _usage(ticket: Ticket, completion_tokens: int) -> dict[str, int]:
-    return usage(len(ticket.request.prompt_tokens), completion_tokens)
+def _usage(ticket: Ticket, timing: _Timing) -> dict[str, Any]:
+    return usage(len(ticket.request.prompt_tokens), timing.tokens, timing.cached_tokens)
 
 
 def _engine_error(event: TokenEvent) -> web.Response:
@@ -310,13 +356,17 @@ async def _collect(request: web.Request, state: ServiceState, ticket: Ticket, pa
     if event.finish_reason == "cancelled":
         return error_response(503, "the request was cancelled because forged is shutting down",
                               "shutting_down"), outcome
-    body = {"id": ticket.request_id, "object": "chat.completion" if plan.kind == "chat" else "text_completion",
-            "created": int(time.time()), "model": state.model_id,
-            "choices": [b.choice(parsed.return_token_ids) for b in builders],
-            "usage": _usage(ticket, timing.tokens)}
+    answer = {"id": ticket.request_id, "object": "chat.completion" if plan.kind == "chat" else "text_completion",
+              "created": int(time.time()), "model": state.model_id,
+              "choices": [b.choice(parsed.return_token_ids) for b in builders],
+              "usage": _usage(ticket, timing)}
     if parsed.return_token_ids:
-        body["prompt_token_ids"] = ticket.request.prompt_tokens
-    return web.json_response(body), outcome
+        answer["prompt_token_ids"] = ticket.request.prompt_tokens
+    response = web.json_response(answer)
+    # Sent here rather than by aiohttp after the handler, so that a client that does not read it is
+    # bounded by the write timeout, and the request counts as completed only once it is delivered.
+    await _send(request, _deliver(request, response))
+    return response, outcome
 
 
 async def _stream(request: web.Request, state: ServiceState, ticket: Ticket, parsed: ParsedRequest,
@@ -329,19 +379,22 @@ async def _stream(request: web.Request, state: ServiceState, ticket: Ticket, par
         return _engine_error(first), _outcome(first)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
-    await response.prepare(request)
+    await _send(request, response.prepare(request))
     created = int(time.time())
     obj = "chat.completion.chunk" if plan.kind == "chat" else "text_completion"
 
+    def write(data: bytes) -> Awaitable[None]:
+        return _send(request, response.write(data))
+
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        body = {"id": ticket.request_id, "object": obj, "created": created, "model": state.model_id,
+        data = {"id": ticket.request_id, "object": obj, "created": created, "model": state.model_id,
                 "choices": choices, **extra}
-        return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+        return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
 
     builders = plan.builders(parsed)
     for builder in builders:
         for choice in builder.opening(parsed.return_token_ids):
-            await response.write(chunk([choice]))
+            await write(chunk([choice]))
     remaining = len(builders)
     while remaining:
         if first is not None:
@@ -353,16 +406,16 @@ async def _stream(request: web.Request, state: ServiceState, ticket: Ticket, par
             message = ((str(event.error) if event.status else f"generation failed: {event.error}")
                        if event.finish_reason == "error"
                        else "the request was cancelled because forged is shutting down")
-            await response.write(sse_error(message, "engine_error" if event.finish_reason == "error"
-                                           else "shutting_down"))
+            await write(sse_error(message, "engine_error" if event.finish_reason == "error"
+                                  else "shutting_down"))
             break
         for choice in builders[event.index].feed(event, token_ids=parsed.return_token_ids):
-            await response.write(chunk([choice]))
+            await write(chunk([choice]))
         if event.finish_reason is not None:
             remaining -= 1
     timing.finish()
     if parsed.include_usage:
-        await response.write(chunk([], usage=_usage(ticket, timing.tokens)))
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
+        await write(chunk([], usage=_usage(ticket, timing)))
+    await write(b"data: [DONE]\n\n")
+    await _send(request, response.write_eof())
     return response, _outcome(event)

@@ -211,8 +211,10 @@ def _generation(summary: str, request: str, answer: str) -> dict[str, Any]:
             "404": _error("model_not_found: another model id than the one served"),
             "408": _error("request_timeout: the body did not arrive within server.body_timeout_s"),
             "413": _error("request_too_large: the body is over server.max_body_bytes"),
+            "417": _error("expectation_failed: an Expect header other than 100-continue"),
             "500": _error("engine_error: the engine failed this request"),
-            "503": {**_error("queue_full, ttft_target_unmeetable, not_ready or shutting_down"),
+            "503": {**_error("queue_full, ttft_target_unmeetable, not_ready, shutting_down or server_busy (the "
+                             "bodies being received at once are at server.max_body_bytes_in_flight)"),
                     "headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 0}}}},
         },
     }

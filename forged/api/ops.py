@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from forged.api.openai import STATE, WINDOW
 from forged.api.requests import BadRequest
-from forged.engine.base import EngineError, Fault
+from forged.engine.base import EngineError, EngineStats, Fault
 from forged.schema import to_plain
 from forged.state import ServiceState
 from forged.systemd import watchdog_interval
@@ -61,12 +61,15 @@ def status_document(state: ServiceState) -> dict[str, Any]:
         "pending_restart": state.pending_restart,
         "uptime_s": round(time.monotonic() - state.started_monotonic, 3),
         "hardware": {**to_plain(hw), "memory_used_bytes": live.memory_used_bytes if live else None},
+        # The GPUs the engine spreads the model over, each one's share and memory now (forged.gpus).
+        "placement": {"engine": state.placement.engine, **state.placement.status(hw)},
         "profile": {"name": state.profile_name, **to_plain(state.profile)},
         "engine": {"name": state.engine.name, "profile_engine": state.profile.engine,
                    "fallback": state.engine_note, "steps": stats.steps, "open_sequences": stats.open_sequences,
                    "running": stats.running, "preemptions": stats.preemptions,
                    "waiting": stats.waiting, "paused": stats.paused,
                    "device_memory_used_bytes": stats.device_memory_used_bytes,
+                   "prefilled_tokens_total": stats.prefilled_tokens,
                    "prefill_tokens_per_s": round(stats.prefill_tokens_per_s, 1),
                    "decode_tokens_per_s": round(stats.decode_tokens_per_s, 1)},
         "model": {"id": state.model_id, "path": state.engine.model.path,
@@ -76,12 +79,25 @@ def status_document(state: ServiceState) -> dict[str, Any]:
                      "profile_max": state.profile.inference.max_concurrent_sessions,
                      "memory_warning": state.memory_warning},
         "queue": {"depth": live.queue_depth if live else 0, "max": live.max_queue_depth if live else 0},
+        "access": state.access,
         "kv_cache": {"blocks_total": stats.kv_blocks_total, "blocks_used": stats.kv_blocks_used,
-                     "blocks_free": stats.kv_blocks_free, "tokens_per_block": stats.tokens_per_block,
+                     "blocks_cached": stats.kv_blocks_cached,
+                     "blocks_free": stats.kv_blocks_free,
+                     "tokens_per_block": stats.tokens_per_block,
                      "cells_used": stats.kv_cells_used, "bytes": stats.kv_cache_bytes,
                      "dtype": state.profile.tensorrt_llm.kv_cache_dtype,
                      "policy": state.profile.tensorrt_llm.scheduler_policy},
+        "prefix_cache": _prefix_cache(stats),
     }
+
+
+def _prefix_cache(stats: EngineStats) -> dict[str, Any] | None:
+    """Prompt tokens looked up and found since start, and the share found (None before any)."""
+    if stats.prefix_cache_queries is None:
+        return None
+    queries, hits = stats.prefix_cache_queries, stats.prefix_cache_hits or 0
+    return {"queries_tokens": queries, "hits_tokens": hits,
+            "hit_rate": round(hits / queries, 4) if queries else None, **stats.prefix_cache_detail}
 
 
 async def status(request: web.Request) -> web.Response:

@@ -43,7 +43,9 @@ NUMBERS: dict[str, Bounds] = {
     "max_completion_tokens": Bounds(int, lo=1),
     "temperature": Bounds(float, 0.0, 2.0),
     "top_p": Bounds(float, 0.0, 1.0, lo_exclusive=True),
-    "top_k": Bounds(int, lo=0),
+    # libllama and TensorRT-LLM take top_k as a C int: a larger value would wrap (2**32 + 1 -> 1).
+    # Any value from the vocabulary size up keeps every token, as 0 does.
+    "top_k": Bounds(int, 0, 2**31 - 1),
     "min_p": Bounds(float, 0.0, 1.0),
     "seed": Bounds(int, -(2**63), 2**64 - 1),
     "n": Bounds(int, 1, MAX_CHOICES),

@@ -1,9 +1,11 @@
 """`forgectl doctor`: the seed's quick-wins checklist, evaluated against the running daemon.
 
-Each line is pass, fail or n.a., with the reason and, for a fail, the lever to change. The facts come
-from the daemon itself: /v1/status (hardware, the profile in force, sessions, KV cache, memory
-warning), /v1/tensorrt-llm/config (the engine configuration as passed), /metrics; and, for the alert
-rules, the Prometheus rules directory on this machine (--rules-dir). Exit status 1 when a line fails.
+Each line is pass, fail, warn or n.a., with the reason and, for a fail, the lever to change. The facts
+come from the daemon itself: /v1/status (hardware, the profile in force, sessions, KV cache, memory
+warning, who can reach the listeners), /v1/tensorrt-llm/config (the engine configuration as passed),
+/metrics; and, for the alert rules, the Prometheus rules directory on this machine (--rules-dir).
+Exit status 1 when a line fails; a warn (an exposure chosen by config, such as TCP without keys on a
+shared machine) is shown but does not fail.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ QUEUE_FACTOR = 2
 @dataclass(frozen=True)
 class Check:
     name: str
-    result: str  # pass | fail | n.a.
+    result: str  # pass | fail | warn | n.a.
     reason: str
     lever: str | None = None  # the profile key to change when it fails
     suggest: Any = None
@@ -82,7 +84,7 @@ def evaluate(status: dict[str, Any], config: dict[str, Any], metrics_text: str |
              rules_dirs: list[Path], input_tokens: int = 20000) -> list[Check]:
     return [fp8_kv(status, config), paged_kv(status), chunked_context(status, input_tokens),
             session_limit(status, input_tokens), queue_depth(status), metrics_exposed(metrics_text, metrics_error),
-            alert_rules(rules_dirs)]
+            alert_rules(rules_dirs), tcp_access(status)]
 
 
 def _levers(status: dict[str, Any]) -> dict[str, Any]:
@@ -242,6 +244,23 @@ def alert_rules(dirs: list[Path]) -> Check:
                  "(or give --rules-dir)")
 
 
+def tcp_access(status: dict[str, Any]) -> Check:
+    name = "TCP access control"
+    access = status.get("access") or {}
+    if not access:
+        return Check(name, "n.a.", "the daemon does not report its listeners (a forged before this check)")
+    tcp, unix = access.get("tcp") or [], access.get("unix") or []
+    sockets = ", ".join(unix) or "none"
+    if not tcp:
+        return Check(name, "pass", f"no TCP listener: only the UNIX socket's owner and group can connect ({sockets})")
+    if access.get("tcp_api_keys"):
+        return Check(name, "pass", f"TCP {', '.join(tcp)} needs an API key on every request but the probes")
+    return Check(name, "warn", f"TCP {', '.join(tcp)} serves generation without a key to every user of this "
+                 f"machine, whatever the UNIX socket's mode and group allow; on a shared machine set "
+                 f"listen.http.api_keys_file and listen.http.require_keys_on_loopback: true in forged.yaml, or "
+                 f"listen.http.enabled: false (and no TCP ListenStream in forged.socket), then restart")
+
+
 def render(status: dict[str, Any], checks: list[Check], where: str) -> str:
     hw = status["hardware"]
     engine = status.get("engine", {}).get("name") or status["profile"]["engine"]
@@ -253,8 +272,8 @@ def render(status: dict[str, Any], checks: list[Check], where: str) -> str:
         if c.result == "fail" and c.lever:
             lines.append(f"{'':<5} {'':<{width}}  -> set {c.lever}: {json.dumps(c.suggest)} "
                          f"(then `systemctl {c.apply} forged`)")
-    counts = {r: sum(c.result == r for c in checks) for r in ("pass", "fail", "n.a.")}
-    lines.append(f"{counts['pass']} pass, {counts['fail']} fail, {counts['n.a.']} n.a.")
+    counts = {r: sum(c.result == r for c in checks) for r in ("pass", "fail", "warn", "n.a.")}
+    lines.append(f"{counts['pass']} pass, {counts['fail']} fail, {counts['warn']} warn, {counts['n.a.']} n.a.")
     if status.get("pending_restart"):
         lines.append(f"note: changes pending a restart: {', '.join(status['pending_restart'])}")
     return "\n".join(lines)

@@ -131,6 +131,9 @@ class TokenEvent:
     # (400: the engine refused the request as asked; 503: the engine failed it, a retry may work).
     # None: 500.
     status: int | None = None
+    # On the first event of a request: how many of its prompt tokens were found in the prefix cache
+    # (usage.prompt_tokens_details.cached_tokens).
+    cached_tokens: int | None = None
     index: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when the request asked for logprobs
 
@@ -157,7 +160,8 @@ class Fault:
 @dataclass
 class EngineStats:
     kv_blocks_total: int = 0
-    kv_blocks_used: int = 0
+    kv_blocks_used: int = 0  # held or reserved by running sequences
+    kv_blocks_cached: int = 0  # held only by the prefix cache: free capacity, reclaimed on demand
     tokens_per_block: int = 0
     running: int = 0
     open_sequences: int = 0
@@ -168,14 +172,25 @@ class EngineStats:
     kv_cells_used: int = 0  # cells the running sequences really occupy (<= blocks_used x tokens_per_block)
     kv_cache_bytes: int = 0  # what the engine allocated for the KV cache
     prefill_backlog_tokens: int = 0  # prompt tokens of running sessions not yet prefilled
-    # Engines with their own scheduler (TensorRT-LLM) report what waits and what is paused inside it.
+    # Sessions inside the engine that hold no KV now: waiting for blocks, or preempted and waiting to
+    # resume. Engines with their own scheduler (TensorRT-LLM) report what waits and is paused in it.
     waiting: int = 0
     paused: int = 0
     device_memory_used_bytes: int | None = None  # what the engine itself says it uses on the device
+    # The prefix cache, in prompt tokens (vLLM's meaning): looked up, and found cached. None: the
+    # engine cannot say.
+    prefix_cache_queries: int | None = None
+    prefix_cache_hits: int | None = None
+    # Engine-specific figures of the prefix cache for /v1/status (copies, host tier, ...).
+    prefix_cache_detail: dict[str, Any] = field(default_factory=dict)
+    # Prompt tokens the engine computed since it started (found-cached ones are not); None: it cannot
+    # say. A request of n choices prefills its prompt once.
+    prefilled_tokens: int | None = None
 
     @property
     def kv_blocks_free(self) -> int:
-        return self.kv_blocks_total - self.kv_blocks_used
+        """Blocks nobody holds (cached ones are reclaimable too, but hold KV until then)."""
+        return self.kv_blocks_total - self.kv_blocks_used - self.kv_blocks_cached
 
 
 class Rate:
@@ -232,8 +247,8 @@ class Engine(abc.ABC):
     kv_shape: KvShape | None = None
     # Sessions the loaded engine can hold at once (its sequence slots); None: no limit of its own.
     max_sessions: int | None = None
-    # The most choices (GenerationRequest.n) one request may ask for: 1 until the engine can fork a
-    # sequence after its prefill. The API refuses more with 400 before admission.
+    # The most choices (GenerationRequest.n) one request may ask for; validate() refuses more (400,
+    # before admission). llama_cpp: its sessions (the choices run at once, forked after the prefill).
     max_choices: int = 1
 
     @abc.abstractmethod
@@ -275,18 +290,21 @@ class Engine(abc.ABC):
         """Raise RequestRejected (HTTP 400) for a request this engine can never run as asked."""
 
     @abc.abstractmethod
-    def blocks_needed(self, request: GenerationRequest) -> int:
-        """KV blocks to reserve before `request` may start under the configured policy."""
+    def has_room_for(self, request: GenerationRequest) -> bool:
+        """Whether the engine could start `request` now: its KV fits (cached blocks count as free)
+        and nothing the engine already holds is waiting for room. Admission asks before it starts a
+        session. Advisory: the engine's scheduler owns the KV and places the request itself; one
+        that finds no room there waits inside the engine, at the head of the line. An engine whose
+        own scheduler owns the KV cache (TensorRT-LLM) always says yes; the session and queue
+        guards still apply."""
 
-    @abc.abstractmethod
-    def try_reserve(self, request_id: str, blocks: int) -> bool:
-        """Reserve KV blocks for a request about to become a session. Thread-safe. An engine whose
-        own scheduler owns the KV cache (TensorRT-LLM) always says yes; the session and queue guards
-        still apply."""
+    def expected_cached_tokens(self, prompt_tokens: list[int]) -> int:
+        """Prompt tokens the prefix cache would likely serve now (an estimate, for predictions)."""
+        return 0
 
     @abc.abstractmethod
     def submit(self, request: GenerationRequest, events: asyncio.Queue[TokenEvent]) -> None:
-        """Start a request whose blocks are reserved. Events go to `events`, ending with a
+        """Start a request admission made a session of. Events go to `events`, ending with a
         finish_reason. Never blocks."""
 
     @abc.abstractmethod

@@ -5,16 +5,14 @@ sizes taken separately when they differ. Sliding-window layers (Gemma 2/3, Coher
 never hold more than `window` tokens of one sequence, so a long context costs them nothing more:
 `context_bytes` counts full-attention layers at the whole context and sliding layers at the window.
 
-Shapes come from GGUF metadata (read by libllama itself, without loading weights) or from a Hugging
-Face config.json.
+Shapes come from GGUF metadata (as libllama renders it) or from a Hugging Face config.json; reading
+either from a file is `engine/shapes.py`'s job, so that this module stays arithmetic.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 # Bytes per element of the KV cache. TensorRT-LLM stores fp8 as one byte; libllama's stand-in for
@@ -123,42 +121,6 @@ def shape_from_hf_config(config: dict[str, Any], weights_bytes: int = 0) -> KvSh
                    n_kv_heads=n_kv, head_dim_k=head, head_dim_v=head, sliding_window=window,
                    swa_layers=swa_layer_count(n_layers, window, pattern),
                    trained_context=int(cfg.get("max_position_embeddings") or 0), weights_bytes=weights_bytes)
-
-
-def read_gguf_metadata(path: Path) -> tuple[dict[str, str], int]:
-    """GGUF key/values and the weights' size, through libllama with vocab_only (no weights loaded)."""
-    import llama_cpp as ll
-
-    from forged.engine.llama_cpp.model import check_gguf, init_backend, read_metadata
-
-    init_backend()
-    check_gguf(path)
-    params = ll.llama_model_default_params()
-    params.vocab_only = True
-    model = ll.llama_model_load_from_file(str(path).encode(), params)
-    if not model:
-        raise ValueError(f"{path}: libllama could not read this GGUF")
-    try:
-        meta = read_metadata(model, skip_prefix="tokenizer.")
-    finally:
-        ll.llama_model_free(model)
-    # vocab_only leaves the tensors unread; the file size is the weights' size to within the header.
-    return meta, path.stat().st_size
-
-
-def shape_from_path(path: Path) -> KvShape:
-    """A GGUF file, a config.json, or a Hugging Face checkpoint directory holding one."""
-    if path.is_dir():
-        path = path / "config.json"
-    if path.suffix == ".json":
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{path}: cannot read the model config: {exc}") from None
-        weights = sum(p.stat().st_size for p in path.parent.glob("*.safetensors"))
-        return shape_from_hf_config(config, weights)
-    meta, size = read_gguf_metadata(path)
-    return shape_from_metadata(meta, size)
 
 
 @dataclass(frozen=True)

@@ -257,6 +257,8 @@ def translate(profile_name: str, profile: Profile, model: str, trt: Any, *, max_
                        f"size of {BUILTIN_TOKENS_PER_BLOCK} tokens, not {levers.tokens_per_block}; set "
                        f"tokens_per_block: {BUILTIN_TOKENS_PER_BLOCK} or install 1.1 or later", where)
     kv_put("enable_block_reuse", True, "(forged) prefix reuse across requests")
+    if levers.host_cache_size:
+        kv_put("host_cache_size", levers.host_cache_size, "tensorrt_llm.host_cache_size")
     if levers.kv_cache_max_tokens:
         kv_put("max_tokens", levers.kv_cache_max_tokens, "tensorrt_llm.kv_cache_max_tokens")
 
@@ -287,6 +289,11 @@ def translate(profile_name: str, profile: Profile, model: str, trt: Any, *, max_
     if max_seq_len < inference.max_seq_len:
         notes.append(f"max_seq_len: the profile's {inference.max_seq_len} is capped at the model's "
                      f"{max_seq_len} (config.json max_position_embeddings)")
+    tp = levers.tensor_parallel_size
+    if tp > 1:
+        put("tensor_parallel_size", tp, "tensorrt_llm.tensor_parallel_size")
+    else:  # LLM's own default: not passed, so that a single-GPU call stays what it was
+        mapping["tensorrt_llm.tensor_parallel_size"] = "tensor_parallel_size (1, LLM's default: not passed)"
     put("enable_iter_perf_stats", True, "(forged) iteration stats for /metrics and /v1/status")
     if GUIDED_BACKEND_FIELD in _fields(args_cls):
         put(GUIDED_BACKEND_FIELD, GUIDED_BACKEND, "(forged) response_format and forced tool calls")
@@ -355,6 +362,10 @@ class _KvView:
     free_blocks: int = 0
     used_blocks: int = 0
     tokens_per_block: int = 0
+    # kvCacheStats' running totals of prompt blocks reused from and missed in the block-reuse cache;
+    # None while no stats carried them.
+    reused_blocks: int | None = None
+    missed_blocks: int | None = None
 
 
 class TrtLlmEngine(Engine):
@@ -414,6 +425,13 @@ class TrtLlmEngine(Engine):
         with contextlib.suppress(KeyError, TypeError, ValueError):
             weights = sum(p.stat().st_size for p in self.model_path.glob("*.safetensors"))
             self.kv_shape = shape_from_hf_config(config, weights)
+        tp = self.levers.tensor_parallel_size
+        heads = config.get("text_config", config).get("num_attention_heads")
+        if tp > 1 and isinstance(heads, int) and heads % tp:
+            # Tensor parallelism gives each GPU an equal slice of the attention heads.
+            raise _refusal(self.profile_name, "tensorrt_llm.tensor_parallel_size", f"expected a divisor of the "
+                           f"model's {heads} attention heads (config.json num_attention_heads), got {tp}",
+                           self._where)
         self.translation = tr = translate(self.profile_name, self.profile, str(self.model_path), trt,
                                           max_seq_len=max_seq_len, where=self._where)
         log.info("TensorRT-LLM %s: %s", tr.version, tr.call)
@@ -512,12 +530,7 @@ class TrtLlmEngine(Engine):
             raise RequestRejected(f"the prompt has {prompt} tokens and max_tokens is {request.sampling.max_tokens}, "
                                   f"{total} in all, but the whole KV cache holds {capacity} tokens")
 
-    def blocks_needed(self, request: GenerationRequest) -> int:
-        # Informational: TensorRT-LLM's own capacity scheduler reserves the blocks.
-        tpb = self._kv.tokens_per_block or self.levers.tokens_per_block
-        return math.ceil((len(request.prompt_tokens) + request.sampling.max_tokens) / tpb)
-
-    def try_reserve(self, request_id: str, blocks: int) -> bool:
+    def has_room_for(self, request: GenerationRequest) -> bool:
         # KV blocks belong to TensorRT-LLM's scheduler (GUARANTEED_NO_EVICT reserves prompt +
         # max_tokens, MAX_UTILIZATION pauses on pressure); forged's session and queue guards still
         # bound what reaches it (max_batch_size = max_concurrent_sessions).
@@ -576,7 +589,17 @@ class TrtLlmEngine(Engine):
             waiting=self._waiting if self._live else 0,
             paused=self._paused if self._live else 0,
             device_memory_used_bytes=self._gpu_mem,
+            **self._prefix_cache_tokens(),
         )
+
+    def _prefix_cache_tokens(self) -> dict[str, int]:
+        """Block reuse in forged's unit (prompt tokens): TensorRT-LLM counts blocks."""
+        kv = self._kv
+        if kv.reused_blocks is None or kv.missed_blocks is None:
+            return {}
+        tpb = kv.tokens_per_block or self.levers.tokens_per_block
+        return {"prefix_cache_queries": (kv.reused_blocks + kv.missed_blocks) * tpb,
+                "prefix_cache_hits": kv.reused_blocks * tpb}
 
     def progress(self) -> Progress:
         return Progress(steps=self._iter, pending_work=bool(self._live), last_step_monotonic=self._last_step)
@@ -781,6 +804,9 @@ class TrtLlmEngine(Engine):
             view.free_blocks = int(kv.get("freeNumBlocks", view.free_blocks) or 0)
             view.used_blocks = int(kv.get("usedNumBlocks", view.max_blocks - view.free_blocks) or 0)
             view.tokens_per_block = int(kv.get("tokensPerBlock", view.tokens_per_block) or 0)
+            if "reusedBlocks" in kv and "missedBlocks" in kv:
+                view.reused_blocks = int(kv["reusedBlocks"] or 0)
+                view.missed_blocks = int(kv["missedBlocks"] or 0)
             if (view.tokens_per_block and view.tokens_per_block != self.levers.tokens_per_block
                     and not self._tpb_warned):
                 self._tpb_warned = True

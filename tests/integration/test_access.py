@@ -227,6 +227,61 @@ def test_non_loopback_host_with_keys_passes_config_validation(tmp_path: Path) ->
     assert done.returncode == 0, done.stderr
 
 
+def test_keys_required_on_loopback_without_a_key_file_refuses_to_start(tmp_path: Path, make_daemon: Any) -> None:
+    """The switch that closes loopback TCP to local users without a key: with no key file it cannot be
+    honoured, so check-config and the daemon refuse in one line (78)."""
+    (tmp_path / "forged.yaml").write_text(json.dumps({"listen": {"http": {"require_keys_on_loopback": True}}}))
+    shutil.copy(REPO / "etc" / "forged" / "sku_profiles.yaml", tmp_path)
+    done = subprocess.run([sys.executable, "-m", "forged", "--config-dir", str(tmp_path), "check-config"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78, done.stderr
+    assert "listen.http.require_keys_on_loopback" in done.stderr and "api_keys_file" in done.stderr
+    code, lines = start_fails(make_daemon(settings={"listen": {"http": {"require_keys_on_loopback": True}}}))
+    assert code == 78 and len(lines) == 1 and "require_keys_on_loopback" in lines[0], lines
+    # Without TCP there is nothing to protect: the switch is satisfied.
+    (tmp_path / "forged.yaml").write_text(json.dumps({"listen": {"http": {"require_keys_on_loopback": True,
+                                                                          "enabled": False}}}))
+    done = subprocess.run([sys.executable, "-m", "forged", "--config-dir", str(tmp_path), "check-config"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_socket_activation_on_loopback_without_keys_refuses_when_keys_are_required(make_daemon: Any) -> None:
+    daemon = make_daemon(settings={"listen": {"http": {"enabled": False, "require_keys_on_loopback": True}}})
+    loopback = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    loopback.bind(("127.0.0.1", 0))
+    become_socket_activated = ("import os, sys; os.dup2(int(sys.argv[1]), 3); "
+                               "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); "
+                               "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
+    with loopback:
+        done = subprocess.run([sys.executable, "-c", become_socket_activated, str(loopback.fileno()), "-m", "forged",
+                               "--config-dir", str(daemon.config_dir), "run"], env=daemon.env,
+                              pass_fds=(loopback.fileno(),), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78, done.stderr
+    refusal = [line for line in done.stderr.splitlines() if "config error" in line]
+    assert len(refusal) == 1 and "127.0.0.1" in refusal[0] and "require_keys_on_loopback" in refusal[0], done.stderr
+
+
+def test_status_and_doctor_show_who_can_reach_tcp(secured: Daemon, make_daemon: Any,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """With keys, TCP is closed to a caller without one: doctor passes it. Without keys (the packaged
+    default) doctor warns that every local user can generate over TCP, and says how to close it."""
+    open_tcp = make_daemon().start()
+    for daemon, keyed in ((secured, True), (open_tcp, False)):
+        with daemon.unix_client(timeout=10) as client:
+            access = client.get("/v1/status").json()["access"]
+        assert access == {"tcp": [f"127.0.0.1:{daemon.port}"], "unix": [str(daemon.socket_path)],
+                          "tcp_api_keys": keyed}
+        capsys.readouterr()
+        assert forgectl_main(["--socket", str(daemon.socket_path), "--json", "doctor"]) in (0, 1)
+        check = next(c for c in json.loads(capsys.readouterr().out)["checks"] if c["name"] == "TCP access control")
+        if keyed:
+            assert check["result"] == "pass" and "needs an API key" in check["reason"], check
+        else:
+            assert check["result"] == "warn", check
+            assert f"127.0.0.1:{daemon.port}" in check["reason"] and "require_keys_on_loopback" in check["reason"]
+
+
 # ---------------------------------------------------------------- the key file
 
 @pytest.mark.parametrize("problem", ["group_readable", "other_readable", "foreign_owner", "missing", "no_keys",
@@ -271,6 +326,17 @@ def test_probes_are_exempt_and_the_unix_socket_needs_no_key(secured: Daemon) -> 
         assert httpx.get(f"{secured.url}{route}", timeout=10).status_code == 200
     with secured.unix_client(timeout=10) as client:
         assert client.get("/v1/status").status_code == 200
+
+
+def test_metrics_without_key_opens_only_metrics(make_daemon: Any, tmp_path: Path) -> None:
+    """For scrapers that cannot send a key (the inference gateway's endpoint picker): /metrics alone."""
+    keys = write_keys(tmp_path / "api-keys", [KEYS[0]])
+    daemon = make_daemon(settings={"listen": {"http": {"api_keys_file": str(keys),
+                                                       "metrics_without_key": True}}}).start()
+    r = httpx.get(f"{daemon.url}/metrics", timeout=10)
+    assert r.status_code == 200 and "forge_kv_cache_usage_ratio" in r.text
+    for route in ("/v1/models", "/v1/status"):
+        assert httpx.get(f"{daemon.url}{route}", timeout=10).status_code == 401
 
 
 def test_sighup_rereads_the_key_file(make_daemon: Any, tmp_path: Path) -> None:

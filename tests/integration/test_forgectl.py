@@ -29,9 +29,11 @@ SMALL_BENCH = ["--users", "3", "--prompt-tokens", "50", "--max-tokens", "8", "--
 BAD_PROFILE = {"tensorrt_llm": {"kv_cache_dtype": "fp32", "use_paged_kv_cache": False,
                                 "enable_chunked_context": False, "max_num_tokens": 64},
                "thresholds": {"max_queue_depth": 1000}}
+# One unified pool, smaller than the sessions' contexts: the KV cache, not the guard, is the limit.
 TINY_KV = {"inference": {"max_concurrent_sessions": 3, "max_seq_len": 256},
            "tensorrt_llm": {"kv_cache_max_tokens": 256, "tokens_per_block": 16, "max_num_tokens": 256,
-                            "scheduler_policy": "max_utilization"}}
+                            "scheduler_policy": "max_utilization"},
+           "llama_cpp": {"kv_unified": True}}
 
 
 def _daemon(tmp_path_factory: pytest.TempPathFactory, model_path: Path, name: str, **kw: Any) -> Iterator[Daemon]:
@@ -79,7 +81,7 @@ def test_status_over_socket_and_tcp(shared_daemon: Daemon, capsys: pytest.Captur
     rc, out, _ = ctl(capsys, shared_daemon, "status", socket=True)
     assert rc == 0
     for text in ("profile cpu", "hardware  cpu:", "model     smollm2-135m-instruct-q4_1", "KV fp16", "sessions  0/4",
-                 "queue 0/8", "ttft_p99_ms", "target 5000"):
+                 "queue 0/8", "ttft_p99_ms", "target 5000", "cached", "prompt tokens found cached"):
         assert text in out, out
     rc, doc = ctl_json(capsys, shared_daemon, "status")
     assert rc == 0 and doc["status"]["profile"]["name"] == "cpu"
@@ -119,7 +121,8 @@ def test_bench_reports_against_targets(bench_a: Path, shared_daemon: Daemon) -> 
     assert checks["rejected_503"]["met"] is True
     # The profile and the engine config travel with the results, for --compare.
     assert doc["daemon"]["profile"]["tensorrt_llm"]["max_num_tokens"] == 128
-    assert doc["daemon"]["engine_config"]["llama_context_params"]["n_batch"] == 128
+    # A step holds max_num_tokens while anything decodes, a whole ubatch when nothing does.
+    assert doc["daemon"]["engine_config"]["llama_context_params"]["n_batch"] == 512
 
 
 def test_bench_ttft_agrees_with_the_daemons_histogram(bench_a: Path) -> None:
@@ -234,13 +237,15 @@ def test_doctor_passes_the_packaged_cpu_profile(shared_daemon: Daemon, tmp_path:
     results = {c["name"]: c["result"] for c in doc["checks"]}
     assert results == {"FP8 KV cache": "n.a.", "paged KV cache": "pass", "chunked context for 20k inputs": "pass",
                        "session limit vs memory": "pass", "queue depth bounded": "pass", "metrics exposed": "pass",
-                       "alert rules installed": "pass"}, doc
-    assert rc == 0
+                       "alert rules installed": "pass", "TCP access control": "warn"}, doc
+    assert rc == 0  # a warn is shown, not failed: TCP without keys on loopback is the packaged choice
     fp8 = next(c for c in doc["checks"] if c["name"] == "FP8 KV cache")
     assert "no GPU" in fp8["reason"] and "q8_0" in fp8["reason"]
+    tcp = next(c for c in doc["checks"] if c["name"] == "TCP access control")
+    assert f"127.0.0.1:{shared_daemon.port}" in tcp["reason"] and "require_keys_on_loopback" in tcp["reason"]
     rc, out, _ = ctl(capsys, shared_daemon, "doctor", "--rules-dir", str(tmp_path / "nowhere"))
-    assert rc == 0 and "5 pass, 0 fail, 2 n.a." in out
-    assert "n.a.  alert rules installed" in out
+    assert rc == 0 and "5 pass, 0 fail, 1 warn, 2 n.a." in out
+    assert "n.a.  alert rules installed" in out and "WARN  TCP access control" in out
 
 
 def test_doctor_fails_a_bad_profile_with_reasons(make_daemon: Any, tmp_path: Path,
@@ -254,7 +259,7 @@ def test_doctor_fails_a_bad_profile_with_reasons(make_daemon: Any, tmp_path: Pat
     assert {n: c["result"] for n, c in checks.items()} == {
         "FP8 KV cache": "fail", "paged KV cache": "fail", "chunked context for 20k inputs": "fail",
         "session limit vs memory": "pass", "queue depth bounded": "fail", "metrics exposed": "pass",
-        "alert rules installed": "fail"}
+        "alert rules installed": "fail", "TCP access control": "warn"}
     assert "fp32" in checks["FP8 KV cache"]["reason"] and checks["FP8 KV cache"]["lever"] == \
         "tensorrt_llm.kv_cache_dtype"
     assert "refused with 400" in checks["chunked context for 20k inputs"]["reason"]
@@ -265,7 +270,7 @@ def test_doctor_fails_a_bad_profile_with_reasons(make_daemon: Any, tmp_path: Pat
     assert f"no forged-alerts.yml in {empty}" in checks["alert rules installed"]["reason"]
     rc, out, _ = ctl(capsys, daemon, "doctor", "--rules-dir", str(empty))
     assert rc == 1 and "FAIL  paged KV cache" in out and "-> set tensorrt_llm.use_paged_kv_cache: true" in out
-    assert "2 pass, 5 fail, 0 n.a." in out
+    assert "2 pass, 5 fail, 1 warn, 0 n.a." in out
 
 
 def test_doctor_fails_a_queue_of_zero(noqueue: Daemon, capsys: pytest.CaptureFixture[str]) -> None:

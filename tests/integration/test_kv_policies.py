@@ -12,8 +12,10 @@ import httpx
 from conftest import Daemon
 
 PROMPTS = [f"Story number {i}: once upon a time in a land far away, there was a" for i in range(6)]
+# One unified pool of 16 blocks: the KV is what limits the sessions, not the session guard.
 TINY_KV = {"inference": {"max_concurrent_sessions": 4, "max_seq_len": 256},
-           "tensorrt_llm": {"kv_cache_max_tokens": 512, "tokens_per_block": 32}}
+           "tensorrt_llm": {"kv_cache_max_tokens": 512, "tokens_per_block": 32},
+           "llama_cpp": {"kv_unified": True}}
 
 
 def _body(prompt: str) -> dict:
@@ -104,9 +106,11 @@ def test_preempted_request_resumes_exactly_where_it_stopped(make_daemon) -> None
     resumed request is: A (older) keeps running, B (younger) is preempted, and B only comes back
     once A has finished and freed its blocks.
     """
+    # The prefix cache off: the resumed request must recompute, as the reference run alone does.
     daemon: Daemon = make_daemon(profile={"inference": {"max_concurrent_sessions": 2, "max_seq_len": 256},
                                           "tensorrt_llm": {"kv_cache_max_tokens": 384, "tokens_per_block": 32,
-                                                           "scheduler_policy": "max_utilization"}})
+                                                           "scheduler_policy": "max_utilization"},
+                                          "llama_cpp": {"kv_unified": True, "prefix_cache": False}})
     daemon.start()
 
     async def stream(client: httpx.AsyncClient, prompt: str, delay: float) -> tuple[str, list[int], list[int]]:

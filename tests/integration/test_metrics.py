@@ -71,3 +71,36 @@ def test_promtool_check_metrics(shared_daemon: Daemon) -> None:
     known = "forge_target_ttft_p99_ms metric names should not contain abbreviated units"
     assert result.returncode in (0, 3), result.stdout + result.stderr
     assert [f for f in findings if f != known] == [], findings
+
+
+def test_gateway_gauges_follow_the_kv_blocks_in_use(shared_daemon: Daemon) -> None:
+    """forge_kv_cache_usage_ratio is used/total blocks and rises while a session holds blocks;
+    forge_kv_cache_config_info carries the block size and block count that /v1/status reports."""
+    text = _scrape(shared_daemon)
+    kv = shared_daemon.status()["kv_cache"]
+    assert _value(text, "forge_kv_cache_usage_ratio") == 0.0
+    config = (f'forge_kv_cache_config_info{{block_size="{kv["tokens_per_block"]}",'
+              f'num_gpu_blocks="{kv["blocks_total"]}"}}')
+    assert _value(text, config) == 1.0
+    body = {"prompt": "Count slowly: one, two, three,", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{shared_daemon.url}/v1/completions", json=body, timeout=60) as response:
+        # The session now holds blocks, and 4000 tokens keep it running until the client leaves. The
+        # line iterator is kept: closing it (as garbage collection would) closes the connection.
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        during = httpx.get(f"{shared_daemon.url}/metrics", timeout=10).text
+    assert _value(during, "forge_active_sessions") == 1
+    # One scrape is one snapshot: the ratio and the block gauges agree within it.
+    blocks_used = _value(during, 'forge_kv_cache_blocks{state="used"}')
+    assert blocks_used > 0
+    assert _value(during, "forge_kv_cache_usage_ratio") == blocks_used / kv["blocks_total"]
+
+
+def test_status_and_engine_config_say_where_the_model_is(shared_daemon: Daemon) -> None:
+    """On this CPU box no GPU holds the model: /v1/status says so, the memory gauges are system RAM
+    (above), and libllama got no split (tests/unit/test_gpus.py covers several GPUs)."""
+    placement = shared_daemon.status()["placement"]
+    assert placement == {"engine": "llama_cpp", "split_mode": None, "main_gpu": None, "shares_from": None,
+                         "gpus": []}
+    config = shared_daemon.get("/v1/tensorrt-llm/config")
+    assert config["llama_model_params"] == {"n_gpu_layers": 0}

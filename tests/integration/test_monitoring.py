@@ -30,7 +30,8 @@ RULE_TESTS = PROM_DIR / "forged-alerts.test.yml"
 DASHBOARD = REPO / "monitoring" / "grafana" / "forged-dashboard.json"
 DOC = REPO / "docs" / "monitoring.md"
 
-ALERTS = {"ForgedTTFTP99AboveTarget", "ForgedGPUMemoryHigh", "ForgedSessionsNearLimit", "ForgedQueueNearLimit"}
+ALERTS = {"ForgedTTFTP99AboveTarget", "ForgedGPUMemoryHigh", "ForgedSessionsNearLimit", "ForgedQueueNearLimit",
+          "ForgedFleetAtCapacity"}
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 # PromQL words that are not metric names: functions and aggregations (always followed by "("),

@@ -54,10 +54,10 @@ def _real_app_routes(tmp_path: Path, model_path: Path, test_hooks: bool) -> set[
     loaded = config_mod.load(daemon.config_dir)
     hardware = hardware_mod.probe()
     selection = profiles.select(loaded, hardware)
-    engine = create_engine(loaded, selection.name, selection.profile, hardware, tmp_path / "state",
-                           memory_available=lambda: 0).engine
+    choice = create_engine(loaded, selection.name, selection.profile, hardware, tmp_path / "state")
     state = ServiceState(config=loaded, profile_name=selection.name, profile=selection.profile, hardware=hardware,
-                         engine=engine, metrics=Metrics(lambda: None), test_hooks=test_hooks)
+                         engine=choice.engine, metrics=Metrics(lambda: None), placement=choice.placement,
+                         test_hooks=test_hooks)
     app = build_app(state)
     return {(route.method, route.resource.canonical) for route in app.router.routes()
             if route.resource is not None}

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 import threading
 import time
+from typing import Any
 
 import httpx
 from conftest import Daemon, sse_events
@@ -81,3 +85,42 @@ def test_broken_config_on_reload_keeps_the_running_one(make_daemon) -> None:
     assert httpx.get(f"{daemon.url}/readyz").status_code == 200
     r = httpx.post(f"{daemon.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=60)
     assert r.status_code == 200
+
+
+def _strict_json(text: str) -> Any:
+    def refuse(constant: str) -> Any:
+        raise AssertionError(f"not JSON: bare {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_nan_target_on_reload_is_refused_and_the_running_config_kept(make_daemon) -> None:
+    """YAML's .nan passed every range check: `ttft_p99_ms: .nan` applied by SIGHUP made /v1/status and
+    /v1/performance/targets print a bare NaN, which no JSON parser accepts."""
+    daemon: Daemon = make_daemon().start()
+    before = daemon.status()["profile"]["targets"]["ttft_p99_ms"]
+    daemon.profiles["profiles"]["cpu"]["targets"]["ttft_p99_ms"] = float("nan")
+    daemon.write_config()
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "reload failed, keeping the running config" not in daemon.log():
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.05)
+    line = next(line for line in daemon.log().splitlines() if "reload failed" in line)
+    assert "profiles.cpu.targets.ttft_p99_ms: expected a finite number" in line and "got nan" in line, line
+    for route in ("/v1/status", "/v1/performance/targets"):
+        _strict_json(httpx.get(f"{daemon.url}{route}", timeout=10).text)
+    assert daemon.status()["profile"]["targets"]["ttft_p99_ms"] == before
+
+
+def test_nan_memory_fraction_fails_check_config_in_one_line(make_daemon) -> None:
+    """It passed check-config, and `forged run` then died after opening its listeners with a traceback."""
+    daemon: Daemon = make_daemon(profile={"tensorrt_llm": {"free_gpu_memory_fraction": float("nan")}})
+    for command in ("check-config", "run"):
+        done = subprocess.run([sys.executable, "-m", "forged", "--config-dir", str(daemon.config_dir), command],
+                              capture_output=True, text=True, timeout=60, env=daemon.env)
+        assert done.returncode == 78, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+        assert "sku_profiles.yaml:" in lines[0] and "profiles.cpu.tensorrt_llm.free_gpu_memory_fraction: expected " \
+            "a finite number in 0.01..1.0, got nan" in lines[0], lines[0]

@@ -103,9 +103,61 @@ def test_invalid_yaml_and_missing_file(cfg_dir: Path) -> None:
 def test_pinned_profile_must_exist(cfg_dir: Path) -> None:
     _edit(cfg_dir / "forged.yaml", "profile: auto", "profile: jetson_orin")
     assert "profile: unknown profile 'jetson_orin'; expected auto or one of: cpu, generic_gpu, generic_gpu_fp16, " \
-        "generic_gpu_small, generic_gpu_small_fp16, jetson_thor, rtx_4000_pro" in _error(cfg_dir)
+        "generic_gpu_small, generic_gpu_small_fp16, jetson_thor, multi_gpu, rtx_4000_pro" in _error(cfg_dir)
 
 
 def test_socket_mode_must_be_octal(cfg_dir: Path) -> None:
     _edit(cfg_dir / "forged.yaml", 'mode: "0660"', 'mode: "rw-rw----"')
     assert "listen.unix.mode: expected an octal permission string" in _error(cfg_dir)
+
+
+def _numeric_fields(cls: type, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], type]]:
+    """Every int and float setting under dataclass `cls`, as (key path, type); a tuple of dataclasses
+    (profile match rules) is walked as its first item."""
+    import dataclasses
+    import typing
+
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None) and a is not Ellipsis]
+        if typing.get_origin(tp) is tuple and dataclasses.is_dataclass(args[0]):
+            out += _numeric_fields(args[0], (*path, f.name, "0"))
+            continue
+        inner = args[0] if args and typing.get_origin(tp) is not None else tp
+        if dataclasses.is_dataclass(inner):
+            out += _numeric_fields(inner, (*path, f.name))
+        elif inner in (int, float):
+            out.append(((*path, f.name), inner))
+    return out
+
+
+def _document(path: tuple[str, ...], value: float) -> str:
+    """A YAML document setting the key at `path` (a "0" step is the first item of a list) to `value`."""
+    import yaml
+
+    node: object = value
+    for step in reversed(path):
+        node = [node] if step == "0" else {step: node}
+    return yaml.safe_dump(node)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=[".nan", ".inf", "-.inf"])
+def test_no_number_setting_accepts_nan_or_infinity(value: float) -> None:
+    """YAML's .nan compares false with any bound, so it passed every range check ("ttft_p99_ms: .nan"
+    made /v1/status print bare NaN); .inf passed every open range. Every numeric key refuses both, in
+    forged.yaml and in the profiles, with the one-line error."""
+    from forged.config import ProfileFile, Settings
+    from forged.schema import build, parse_yaml
+
+    fields = [(root, path, tp) for root, cls, prefix in ((Settings, Settings, ()),
+                                                         (ProfileFile, config.Profile, ("profiles", "p")))
+              for path, tp in ((prefix + p, t) for p, t in _numeric_fields(cls))]
+    assert len(fields) > 20
+    for root, path, tp in fields:
+        key = ".".join(step if step != "0" else "[0]" for step in path).replace(".[0]", "[0]")
+        with pytest.raises(ConfigError) as info:
+            build(root, parse_yaml(_document(path, value), "f.yaml"))
+        message = str(info.value)
+        assert f": {key}: expected {'an integer' if tp is int else 'a finite number'}" in message, (key, message)
+        assert "\n" not in message

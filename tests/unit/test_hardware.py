@@ -67,6 +67,7 @@ def test_h200_matches_the_real_probe_output() -> None:
     real = json.loads((FIXTURES / "h200_probe.json").read_text())["hardware"]
     hw = to_plain(probe("h200"))
     hw.pop("cores"), real.pop("cores")  # this machine's, not the fixture's
+    assert hw.pop("cuda_gpus") == [0]  # a field added after that run: the one GPU CUDA shows
     assert hw == real
     assert real["gpus"][0]["memory_used_bytes"] == 0  # v2: used excludes the driver's 615 MiB reserve
     assert real["gpus"][0]["memory_reserved_bytes"] == 644_939_776

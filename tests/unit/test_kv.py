@@ -9,9 +9,9 @@ from forged.engine.kv import (
     plan_capacity,
     shape_from_hf_config,
     shape_from_metadata,
-    shape_from_path,
     swa_layer_count,
 )
+from forged.engine.shapes import shape_from_path
 
 # Published config.json values (meta-llama/Llama-3.1-8B and meta-llama/Llama-2-7b-hf).
 LLAMA_31_8B = {"model_type": "llama", "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,

@@ -224,6 +224,26 @@ def test_stats_feed_kv_blocks_queue_and_memory(fake: Any) -> None:
     run(engine, body)
 
 
+def test_block_reuse_statistics_become_the_prefix_cache_counters(fake: Any) -> None:
+    engine = loaded_engine(profile())
+    document = "The keeper's log, night after night, the same lamp and the same sea. " * 20
+
+    async def body(r: Run) -> None:
+        await r.events(document, max_tokens=2)
+        await asyncio.sleep(0.6)  # one stats poll
+        first = engine.stats()
+        assert first.prefix_cache_queries is not None and first.prefix_cache_hits == 0
+        await r.events(document + " And tonight?", max_tokens=2)
+        await asyncio.sleep(0.6)
+        again = engine.stats()
+        # The stand-in counts reusedBlocks and missedBlocks as TensorRT-LLM's kvCacheStats do, in
+        # whole blocks; forged reports prompt tokens (blocks x tokens per block).
+        assert again.prefix_cache_hits > 0 and again.prefix_cache_hits % again.tokens_per_block == 0
+        assert again.prefix_cache_queries > first.prefix_cache_queries >= again.prefix_cache_hits
+
+    run(engine, body)
+
+
 def test_validate_refuses_what_tensorrt_llm_cannot_run(fake: Any) -> None:
     engine = loaded_engine(profile(kv_cache_max_tokens=2048, enable_chunked_context=False, max_num_tokens=256))
 

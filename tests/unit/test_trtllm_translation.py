@@ -231,8 +231,7 @@ def test_not_installed_fails_in_one_line_naming_the_package(loaded: config.Loade
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(trtllm, "missing_package", lambda: True)
     with pytest.raises(ConfigError) as err:
-        create_engine(loaded, "rtx_4000_pro", loaded.profiles["rtx_4000_pro"], probed("rtx4000ada"), tmp_path,
-                      memory_available=lambda: 0)
+        create_engine(loaded, "rtx_4000_pro", loaded.profiles["rtx_4000_pro"], probed("rtx4000ada"), tmp_path)
     line = str(err.value)
     assert "\n" not in line and "sku_profiles.yaml:" in line and "profiles.rtx_4000_pro.engine" in line
     assert "package tensorrt_llm, which is not installed" in line
@@ -246,13 +245,13 @@ def test_fallback_runs_llama_cpp(loaded: config.LoadedConfig, model_path: Path,
     state = model_path.parent.parent  # where the test model was assembled: nothing is assembled again
     with_gguf = dataclasses.replace(loaded, settings=dataclasses.replace(
         loaded.settings, model=config.ModelSettings(path=str(model_path))))
-    choice = create_engine(with_gguf, "rtx_4000_pro", profile, probed("rtx4000ada"), state, lambda: 0)
+    choice = create_engine(with_gguf, "rtx_4000_pro", profile, probed("rtx4000ada"), state)
     assert choice.engine.name == "llama_cpp" and choice.engine.model.path == str(model_path)
     assert choice.note is not None and "engine_fallback: true" in choice.note
     # model.path names a checkpoint directory (for TensorRT-LLM): llama_cpp serves the default model.
     with_dir = dataclasses.replace(loaded, settings=dataclasses.replace(
         loaded.settings, model=config.ModelSettings(path=str(CHECKPOINT), name="tiny")))
-    choice = create_engine(with_dir, "rtx_4000_pro", profile, probed("rtx4000ada"), state, lambda: 0)
+    choice = create_engine(with_dir, "rtx_4000_pro", profile, probed("rtx4000ada"), state)
     assert choice.engine.name == "llama_cpp" and choice.engine.model_name != "tiny"
     assert choice.engine.model.path.endswith(".gguf")
 
@@ -261,12 +260,12 @@ def test_tensorrt_llm_gets_the_checkpoint_and_the_hardware_checks(fake: Any, loa
                                                                   tmp_path: Path) -> None:
     settings = dataclasses.replace(loaded.settings, model=config.ModelSettings(path=str(CHECKPOINT)))
     choice = create_engine(dataclasses.replace(loaded, settings=settings), "rtx_4000_pro",
-                           loaded.profiles["rtx_4000_pro"], probed("rtx4000ada"), tmp_path, lambda: 0)
+                           loaded.profiles["rtx_4000_pro"], probed("rtx4000ada"), tmp_path)
     assert choice.engine.name == "tensorrt_llm" and choice.note is None
     assert choice.engine.model_name == "tiny-checkpoint"
     with pytest.raises(EngineConfigError, match=r"has 8\.6"):
         create_engine(dataclasses.replace(loaded, settings=settings), "rtx_4000_pro",
-                      loaded.profiles["rtx_4000_pro"], gpu("8.6"), tmp_path, lambda: 0)
+                      loaded.profiles["rtx_4000_pro"], gpu("8.6"), tmp_path)
 
 
 def test_the_checkpoint_must_be_a_hugging_face_directory(tmp_path: Path) -> None:

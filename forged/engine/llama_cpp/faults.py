@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 from forged.engine.base import Fault
 
 if TYPE_CHECKING:
-    from forged.engine.llama_cpp.runner import Sequence, StepCalls
+    from forged.engine.llama_cpp.calls import StepCalls
     from forged.engine.llama_cpp.sampling import Sampled
     from forged.engine.llama_cpp.scheduler import Slice
+    from forged.engine.llama_cpp.sequence import Sequence
 
 # llama.h: on these codes libllama restores the KV as it was before the call; on the others
 # (2: aborted, < -1: fatal) the ubatches it had processed stay in the KV.

@@ -41,12 +41,24 @@ def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     log.debug("libllama: %s", msg)
 
 
+SPLIT_MODES = {"none": ll.LLAMA_SPLIT_MODE_NONE, "layer": ll.LLAMA_SPLIT_MODE_LAYER, "row": ll.LLAMA_SPLIT_MODE_ROW}
+
+
 class LlamaModel:
-    def __init__(self, path: Path, n_gpu_layers: int) -> None:
+    def __init__(self, path: Path, n_gpu_layers: int, *, split_mode: str | None = None, main_gpu: int = 0,
+                 tensor_split: tuple[float, ...] = ()) -> None:
+        """`split_mode`, `main_gpu`, `tensor_split` (CUDA order) spread the model over several GPUs
+        (forged.gpus); without them libllama's defaults apply."""
         init_backend()
         check_gguf(path)
         params = ll.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        if split_mode is not None:
+            params.split_mode = SPLIT_MODES[split_mode]
+            params.main_gpu = main_gpu
+            # libllama reads llama_max_devices() floats through this pointer: the array stays alive with the model.
+            self._tensor_split = (ctypes.c_float * ll.llama_max_devices())(*tensor_split)
+            params.tensor_split = self._tensor_split
         _errors.clear()
         model = ll.llama_model_load_from_file(str(path).encode(), params)
         if not model:

@@ -1,0 +1,96 @@
+"""The libllama context: KV cache, batch size and threads, and the KV sequence calls on it.
+
+`LlamaContext` is the one place forged creates a `llama_context` and calls `llama_memory_seq_*` on
+it; the KV pool (`kvpool.py`) drives it through the `KvMemory` calls. Step thread only, once the
+engine runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Any
+
+import llama_cpp as ll
+
+from forged.config import Profile
+from forged.engine.base import EngineError
+from forged.engine.llama_cpp.model import LlamaModel
+from forged.engine.llama_cpp.sizing import KvSizing
+
+# The profile names KV dtypes as TensorRT-LLM does; libllama has no fp8, q8_0 is its 1-byte type.
+KV_DTYPE_TO_GGML: dict[str, tuple[str, int]] = {
+    "fp32": ("f32", ll.GGML_TYPE_F32),
+    "fp16": ("f16", ll.GGML_TYPE_F16),
+    "bf16": ("bf16", getattr(ll, "GGML_TYPE_BF16", 30)),
+    "fp8": ("q8_0", ll.GGML_TYPE_Q8_0),
+}
+
+
+class LlamaContext:
+    def __init__(self, model: LlamaModel, profile: Profile, kv: KvSizing, n_batch: int, n_ubatch: int) -> None:
+        opts, levers = profile.llama_cpp, profile.tensorrt_llm
+        kv_name, kv_type = KV_DTYPE_TO_GGML[levers.kv_cache_dtype]
+        threads = opts.n_threads or len(os.sched_getaffinity(0))
+        params = ll.llama_context_default_params()
+        params.n_ctx = kv.n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_ubatch
+        params.n_seq_max = kv.n_seq_max
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.type_k = kv_type
+        params.type_v = kv_type
+        params.kv_unified = kv.unified
+        params.swa_full = False
+        params.no_perf = True
+        # A quantized V cache needs flash attention in libllama.
+        params.flash_attn_type = (ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if kv_name == "q8_0"
+                                  else ll.LLAMA_FLASH_ATTN_TYPE_AUTO)
+        ptr = ll.llama_init_from_model(model.ptr, params)
+        if not ptr:
+            raise EngineError(f"libllama could not create a context of {kv.n_ctx} KV cells ({kv_name} KV) "
+                              f"for {model.path}")
+        self.ptr = ptr
+        self.memory = ll.llama_get_memory(ptr)
+        self.kv_type_name = kv_name
+        self.params: dict[str, Any] = {
+            "n_ctx": kv.n_ctx, "n_batch": n_batch, "n_ubatch": n_ubatch, "n_seq_max": kv.n_seq_max,
+            "n_threads": threads, "type_k": kv_name, "type_v": kv_name, "kv_unified": kv.unified,
+            "swa_full": False, "flash_attn_type": int(params.flash_attn_type), "n_gpu_layers": opts.n_gpu_layers,
+        }
+
+    def free(self) -> None:
+        if self.ptr:
+            ll.llama_free(self.ptr)
+            self.ptr = None
+
+    def decode(self, batch: ll.llama_batch) -> int:
+        return ll.llama_decode(self.ptr, batch)
+
+    # ------------------------------------------------------------ KvMemory
+
+    def seq_rm(self, seq_id: int, p0: int, p1: int) -> None:
+        ll.llama_memory_seq_rm(self.memory, seq_id, p0, p1)
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        ll.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        return ll.llama_memory_seq_pos_min(self.memory, seq_id)
+
+    # ------------------------------------------------------------ host copies of one sequence
+
+    def save_seq(self, seq_id: int) -> bytes:
+        """A sequence's KV as bytes in host memory (`llama_state_seq_get_data`)."""
+        size = ll.llama_state_seq_get_size(self.ptr, seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        written = ll.llama_state_seq_get_data(self.ptr, buf, size, seq_id)
+        if written != size:
+            raise EngineError(f"libllama saved {written} of {size} bytes of sequence {seq_id}")
+        return bytes(buf)
+
+    def restore_seq(self, seq_id: int, data: bytes) -> bool:
+        """Load a saved sequence's KV into `seq_id` (whose cells must be empty)."""
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        return ll.llama_state_seq_set_data(self.ptr, buf, len(data), seq_id) == len(data)
