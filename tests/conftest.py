@@ -147,9 +147,9 @@ class Daemon:
 def make_daemon(tmp_path: Path, model_path: Path) -> Iterator[Any]:
     started: list[Daemon] = []
 
-    def factory(**kw: Any) -> Daemon:
+    def factory(model: Path | None = None, **kw: Any) -> Daemon:
         root = tmp_path / f"d{len(started)}"
-        daemon = Daemon(root, model_path, **kw)
+        daemon = Daemon(root, model or model_path, **kw)
         started.append(daemon)
         return daemon
 

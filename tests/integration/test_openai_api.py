@@ -117,8 +117,11 @@ def test_utf8_split_across_tokens_streams_whole_characters(shared_daemon: Daemon
     body = {"messages": [{"role": "user", "content": "Reply with exactly these emoji: 🌊🐚🦀🐙 and the word 海"}],
             "max_tokens": 40, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{shared_daemon.url}/v1/chat/completions", json=body, timeout=60) as r:
-        deltas = [e["choices"][0]["delta"].get("content") or "" for e in sse_events(r.iter_lines())
-                  if e != "[DONE]" and e["choices"]]
+        choices = [e["choices"][0] for e in sse_events(r.iter_lines()) if e != "[DONE]" and e["choices"]]
+    deltas = [c["delta"].get("content") or "" for c in choices]
     text = "".join(deltas)
+    if choices[-1]["finish_reason"] == "length":
+        # max_tokens may end the answer inside a character: its bytes so far can only be U+FFFD.
+        text = text.removesuffix("\ufffd")
     assert "\ufffd" not in text, f"a multi-byte character was split: {deltas!r}"
     assert text.strip()

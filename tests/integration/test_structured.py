@@ -212,14 +212,6 @@ def test_echo_returns_the_prompt_first(shared_daemon: Daemon) -> None:
     assert events[0]["choices"][0]["text"] == "Roses are red,"
 
 
-def test_n_is_refused_by_an_engine_that_cannot_fork_yet(shared_daemon: Daemon) -> None:
-    r = post(shared_daemon, "chat/completions", {"messages": ASK, "max_tokens": 4, "n": 3})
-    assert r.status_code == 400
-    error = r.json()["error"]
-    assert error["param"] == "n" and "n is 3" in error["message"]
-    assert post(shared_daemon, "chat/completions", {"messages": ASK, "max_tokens": 2, "n": 1}).status_code == 200
-
-
 def test_models_retrieve(shared_daemon: Daemon) -> None:
     listed = httpx.get(f"{shared_daemon.url}/v1/models", timeout=30).json()["data"][0]
     one = httpx.get(f"{shared_daemon.url}/v1/models/{listed['id']}", timeout=30)
