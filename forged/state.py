@@ -35,6 +35,8 @@ class ServiceState:
     pending_restart: list[str] = field(default_factory=list)
     # Set when the engine running is not the one the profile names (engine_fallback), and why.
     engine_note: str | None = None
+    # Set when the machine has a GPU that the engine does not use (llama_cpp.allow_cpu_fallback), and why.
+    gpu_unused: str | None = None
 
     @property
     def model_id(self) -> str:

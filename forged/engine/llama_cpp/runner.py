@@ -39,6 +39,7 @@ from forged.engine.base import (
     TokenEvent,
 )
 from forged.engine.kv import LLAMA_CPP_DTYPE_BYTES, KvShape, shape_from_metadata
+from forged.engine.llama_cpp import backends
 from forged.engine.llama_cpp.batch import StepBatch
 from forged.engine.llama_cpp.blocks import BlockAllocator, blocks_for
 from forged.engine.llama_cpp.faults import FaultInjector
@@ -119,8 +120,13 @@ class LlamaCppEngine(Engine):
     name = "llama_cpp"
 
     def __init__(self, profile: Profile, model_path: Path, model_name: str,
-                 memory_available: Callable[[], int]) -> None:
+                 memory_available: Callable[[], int], library: backends.Library | None = None,
+                 gpu_unused: str | None = None) -> None:
         self.profile = profile
+        # The libllama loaded and what it has (backends.inspect), and why the GPU is unused, if it is.
+        self.library = library
+        self.gpu_unused = gpu_unused
+        self._device: dict[str, Any] | None = None
         self._memory_available = memory_available
         self.kv: KvSizing | None = None
         self.kv_shape: KvShape | None = None
@@ -164,7 +170,8 @@ class LlamaCppEngine(Engine):
     def load(self) -> None:
         opts = self.profile.llama_cpp
         available_before = self._memory_available()
-        self._llama = model = LlamaModel(self.model_path, opts.n_gpu_layers)
+        backends.LOAD_LOG.reset()
+        self._llama = model = LlamaModel(self.model_path, 0 if self.gpu_unused else opts.n_gpu_layers)
         context = min(self.profile.inference.max_seq_len, model.n_ctx_train)
         sessions = self.profile.inference.max_concurrent_sessions
         n_ubatch = min(opts.n_ubatch, self.levers.max_num_tokens)
@@ -200,6 +207,12 @@ class LlamaCppEngine(Engine):
             raise EngineError(f"libllama could not create a context of {kv.n_ctx} KV cells "
                               f"({kv_name} KV) for {self.model_path}")
         self._ctx = ctx
+        if self.library is not None:
+            self._device = backends.placement(self.library, backends.LOAD_LOG,
+                                              backends.model_layers(model.metadata), self.gpu_unused)
+            log.info("engine device: %s; %s/%s layers offloaded; KV on %s", self._device["runs_on"],
+                     self._device["layers_offloaded"], self._device["layers_total"],
+                     ", ".join(self._device["kv_on"]) or "?")
         self._mem = ll.llama_get_memory(ctx)
         self._batch = StepBatch(self.levers.max_num_tokens)
         self._calls = StepCalls(model.n_vocab)
@@ -214,7 +227,7 @@ class LlamaCppEngine(Engine):
             "n_ctx": kv.n_ctx, "n_batch": params.n_batch, "n_ubatch": params.n_ubatch,
             "n_seq_max": kv.sessions, "n_threads": threads, "type_k": kv_name, "type_v": kv_name,
             "kv_unified": opts.kv_unified, "swa_full": False, "flash_attn_type": int(params.flash_attn_type),
-            "n_gpu_layers": opts.n_gpu_layers,
+            "n_gpu_layers": 0 if self.gpu_unused else opts.n_gpu_layers,
         }
         self._warm_up()
         log.info("model %s loaded: %d params, trained context %d, serving context %d; KV %d blocks x %d "
@@ -264,6 +277,9 @@ class LlamaCppEngine(Engine):
                 raise EngineError("the warm-up step failed in llama_decode")
             self._decode_rate.add(1, time.monotonic() - started)
         ll.llama_memory_seq_rm(self._mem, 0, -1, -1)
+
+    def device(self) -> dict[str, Any] | None:
+        return self._device
 
     def start(self, loop: asyncio.AbstractEventLoop, hooks: EngineHooks) -> None:
         self._loop = loop
