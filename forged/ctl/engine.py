@@ -72,6 +72,7 @@ class Toolchain:
     cuda_version: str | None = None  # "13.0"
     gpu_architectures: frozenset[int] = frozenset()  # nvcc --list-gpu-arch: 75, 80, ..., 120
     cuda_lib_dir: Path | None = None  # where libcudart.so is, for the RUNPATH
+    cublas: bool = True  # libcublas.so beside libcudart (ggml's CUDA backend links it)
     cmake: Path | None = None
     cxx: Path | None = None
     ninja: Path | None = None
@@ -162,6 +163,10 @@ def plan(hardware: HardwareInfo, toolchain: Toolchain, *, source: Path, version:
     for tool, found, package in (("cmake", toolchain.cmake, "cmake"), ("a C++ compiler (c++)", toolchain.cxx, "g++")):
         if found is None:
             raise BuildRefused(f"{tool} is not installed; sudo apt install {package}")
+    if not toolchain.cublas:
+        raise BuildRefused(f"the CUDA toolkit of {toolchain.nvcc} has no cuBLAS (no libcublas.so in "
+                           f"{toolchain.cuda_lib_dir}), which ggml's CUDA backend links; install the whole toolkit "
+                           f"(cuda-toolkit, or its libcublas-dev package)")
     arch, why = choose_arch(hardware, profile_name, profile_arch, arch_flag)
     if toolchain.gpu_architectures and arch not in toolchain.gpu_architectures:
         known = ", ".join(str(a) for a in sorted(toolchain.gpu_architectures))
@@ -221,13 +226,19 @@ def find_nvcc(env: Mapping[str, str], which: Callable[[str], str | None] = shuti
     return None
 
 
-def cuda_lib_dir(nvcc: Path) -> Path | None:
-    """The directory of the toolkit's libcudart.so (lib64, or targets/<arch>-linux/lib)."""
-    root = nvcc.parent.parent
+def cuda_lib_dir(root: Path) -> Path | None:
+    """The directory of a toolkit's libcudart.so (lib64, or targets/<arch>-linux/lib)."""
     for directory in (root / "lib64", root / "lib", *sorted(root.glob("targets/*/lib"))):
         if any(directory.glob("libcudart.so*")):
             return directory
     return None
+
+
+def parse_toolkit_root(dryrun: str) -> Path | None:
+    """`nvcc --dryrun`'s '#$ TOP=/usr/local/cuda-13.0/bin/..' -> /usr/local/cuda-13.0: the toolkit
+    itself, also when the nvcc on PATH is a wrapper script."""
+    m = re.search(r"^#\$ TOP=(.+)$", dryrun, re.M)
+    return Path(os.path.normpath(m.group(1).strip())) if m else None
 
 
 def find_toolchain(env: Mapping[str, str] = os.environ) -> Toolchain:
@@ -235,10 +246,16 @@ def find_toolchain(env: Mapping[str, str] = os.environ) -> Toolchain:
     cmake, cxx, ninja = (Path(p) if (p := shutil.which(t)) else None for t in ("cmake", "c++", "ninja"))
     if nvcc is None:
         return Toolchain(None, cmake=cmake, cxx=cxx, ninja=ninja)
+    dryrun = subprocess.run([str(nvcc), "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                            capture_output=True, text=True)
+    root = parse_toolkit_root(dryrun.stdout + dryrun.stderr) or nvcc.parent.parent
+    if (root / "bin" / "nvcc").is_file():
+        nvcc = root / "bin" / "nvcc"  # the real compiler, for CMake
     version = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True).stdout
     archs = subprocess.run([str(nvcc), "--list-gpu-arch"], capture_output=True, text=True).stdout
-    return Toolchain(nvcc, parse_nvcc_version(version), parse_gpu_architectures(archs), cuda_lib_dir(nvcc),
-                     cmake, cxx, ninja)
+    libs = cuda_lib_dir(root)
+    return Toolchain(nvcc, parse_nvcc_version(version), parse_gpu_architectures(archs), libs,
+                     libs is None or any(libs.glob("libcublas.so*")), cmake, cxx, ninja)
 
 
 # ---------------------------------------------------------------- building

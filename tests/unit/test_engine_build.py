@@ -172,13 +172,24 @@ def test_nvcc_is_found_where_jetpack_and_cuda_put_it(tmp_path: Path) -> None:
     assert eb.find_nvcc({}, which=lambda _: str(fake)) == fake
     (tmp_path / "cuda" / "targets" / "sbsa-linux" / "lib").mkdir(parents=True)
     (tmp_path / "cuda" / "targets" / "sbsa-linux" / "lib" / "libcudart.so.13").touch()
-    assert eb.cuda_lib_dir(fake) == tmp_path / "cuda" / "targets" / "sbsa-linux" / "lib"
+    assert eb.cuda_lib_dir(tmp_path / "cuda") == tmp_path / "cuda" / "targets" / "sbsa-linux" / "lib"
 
 
 def test_nvcc_output_parsing() -> None:
     assert eb.parse_nvcc_version(NVCC_13) == "13.0"
     assert eb.parse_gpu_architectures(ARCHS_13) >= {87, 89, 90, 110, 120}
     assert eb.parse_nvcc_version("no such thing") is None
+    # What nvcc 13.0 printed here for `--dryrun -x cu -c /dev/null -o /dev/null`, run through a wrapper
+    # script in /usr/local/bin: the toolkit is where TOP says.
+    dryrun = ('#$ _NVVM_BRANCH_=nvvm\n#$ _SPACE_= \n#$ TOP=/usr/local/cuda-13.0/bin/..\n'
+              '#$ LIBRARIES=  "-L/usr/local/cuda-13.0/bin/../targets/x86_64-linux/lib"\n')
+    assert eb.parse_toolkit_root(dryrun) == Path("/usr/local/cuda-13.0")
+    assert eb.parse_toolkit_root("nvcc fatal: no input") is None
+
+
+def test_a_toolkit_without_cublas_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(eb.BuildRefused, match=r"has no cuBLAS \(no libcublas.so in /usr/local/cuda/lib64\)"):
+        make_plan(tmp_path, toolchain=toolchain(cublas=False))
 
 
 # ---------------------------------------------------------------- the cache key and the jobs
