@@ -164,7 +164,7 @@ def plan(hardware: HardwareInfo, toolchain: Toolchain, *, source: Path, version:
         if found is None:
             raise BuildRefused(f"{tool} is not installed; sudo apt install {package}")
     if not toolchain.cublas:
-        raise BuildRefused(f"the CUDA toolkit of {toolchain.nvcc} has no cuBLAS (no libcublas.so in "
+        raise BuildRefused(f"the CUDA toolkit of {toolchain.nvcc} has no cuBLAS (no libcublas.so beside "
                            f"{toolchain.cuda_lib_dir}), which ggml's CUDA backend links; install the whole toolkit "
                            f"(cuda-toolkit, or its libcublas-dev package)")
     arch, why = choose_arch(hardware, profile_name, profile_arch, arch_flag)
@@ -226,12 +226,17 @@ def find_nvcc(env: Mapping[str, str], which: Callable[[str], str | None] = shuti
     return None
 
 
+def _lib_dirs(root: Path) -> list[Path]:
+    return [root / "lib64", root / "lib", *sorted(root.glob("targets/*/lib"))]
+
+
 def cuda_lib_dir(root: Path) -> Path | None:
     """The directory of a toolkit's libcudart.so (lib64, or targets/<arch>-linux/lib)."""
-    for directory in (root / "lib64", root / "lib", *sorted(root.glob("targets/*/lib"))):
-        if any(directory.glob("libcudart.so*")):
-            return directory
-    return None
+    return next((d for d in _lib_dirs(root) if any(d.glob("libcudart.so*"))), None)
+
+
+def has_cublas(root: Path) -> bool:
+    return any(any(d.glob("libcublas.so*")) for d in _lib_dirs(root))
 
 
 def parse_toolkit_root(dryrun: str) -> Path | None:
@@ -255,7 +260,7 @@ def find_toolchain(env: Mapping[str, str] = os.environ) -> Toolchain:
     archs = subprocess.run([str(nvcc), "--list-gpu-arch"], capture_output=True, text=True).stdout
     libs = cuda_lib_dir(root)
     return Toolchain(nvcc, parse_nvcc_version(version), parse_gpu_architectures(archs), libs,
-                     libs is None or any(libs.glob("libcublas.so*")), cmake, cxx, ninja)
+                     libs is None or has_cublas(root), cmake, cxx, ninja)
 
 
 # ---------------------------------------------------------------- building

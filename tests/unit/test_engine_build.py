@@ -188,8 +188,14 @@ def test_nvcc_output_parsing() -> None:
 
 
 def test_a_toolkit_without_cublas_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(eb.BuildRefused, match=r"has no cuBLAS \(no libcublas.so in /usr/local/cuda/lib64\)"):
+    with pytest.raises(eb.BuildRefused, match=r"has no cuBLAS \(no libcublas.so beside /usr/local/cuda/lib64\)"):
         make_plan(tmp_path, toolchain=toolchain(cublas=False))
+    root = tmp_path / "cuda-13.0"
+    (root / "targets" / "x86_64-linux" / "lib").mkdir(parents=True)
+    (root / "targets" / "x86_64-linux" / "lib" / "libcudart.so.13").touch()
+    assert not eb.has_cublas(root)
+    (root / "targets" / "x86_64-linux" / "lib" / "libcublas.so.13").touch()
+    assert eb.has_cublas(root)
 
 
 # ---------------------------------------------------------------- the cache key and the jobs
