@@ -114,12 +114,12 @@ def choose(state_dir: Path, compute_capability: str | None, *, env: dict[str, st
     if not current.exists():
         return LibraryChoice(None, "vendored with forged (CPU)")
     directory = current.resolve()
-    why = _unfit(directory, compute_capability)
-    if isinstance(why, str):
-        log.warning("not using the engine in %s: %s", directory, why)
-        return LibraryChoice(None, "vendored with forged (CPU)", notes=(f"{directory}: {why}",))
+    record = _unfit(directory, compute_capability)
+    if isinstance(record, str):  # why it does not fit
+        log.warning("not using the engine in %s: %s", directory, record)
+        return LibraryChoice(None, "vendored with forged (CPU)", notes=(f"{directory}: {record}",))
     env[LIB_ENV] = str(directory / "lib")
-    return LibraryChoice(directory / "lib", f"built by forgectl engine build ({directory.name})", why)
+    return LibraryChoice(directory / "lib", f"built by forgectl engine build ({directory.name})", record)
 
 
 def _unfit(directory: Path, compute_capability: str | None) -> str | BuildRecord:
