@@ -65,7 +65,7 @@ def make(model: LlamaModel, args: argparse.Namespace, unified: bool) -> LlamaCon
                       sessions=seqs, unified=unified, n_seq_max=seqs)
     profile = Profile(tensorrt_llm=EngineLevers(kv_cache_dtype=args.kv_dtype),
                       llama_cpp=LlamaCppOptions(n_gpu_layers=args.gpu_layers, n_threads=args.threads))
-    return LlamaContext(model, profile, sizing, n_batch=CHUNK, n_ubatch=CHUNK)
+    return LlamaContext(model, profile, sizing, n_batch=CHUNK, n_ubatch=CHUNK, n_gpu_layers=args.gpu_layers)
 
 
 def main() -> int:

@@ -1,4 +1,5 @@
-"""Command lines: `forged` (run, probe, check-config, show-profile) and `forgectl` (status)."""
+"""Command lines: `forged` (run, probe, check-config, show-profile) and `forgectl` (status, and the
+subcommands in forged/ctl/, modelctl.py and plan.py)."""
 
 from __future__ import annotations
 
@@ -68,10 +69,11 @@ def forgectl_main(argv: list[str] | None = None) -> int:
     from forged import modelctl, plan
     modelctl.add_parser(sub)
     plan.add_parser(sub)
-    from forged.ctl import bench, diagnose, doctor
+    from forged.ctl import bench, diagnose, doctor, engine
     bench.add_parser(sub)
     doctor.add_parser(sub)
     diagnose.add_parser(sub)
+    engine.add_parser(sub)
     args = parser.parse_args(argv)
     from forged.ctl.client import BadAnswer, Client, DaemonUnreachable, read_api_key
     try:
@@ -83,8 +85,9 @@ def forgectl_main(argv: list[str] | None = None) -> int:
         return modelctl.main(args)
     if args.command == "plan":
         return plan.main(args, as_json=args.json)
-    if args.command in ("bench", "doctor", "diagnose"):
-        return {"bench": bench.main, "doctor": doctor.main, "diagnose": diagnose.main}[args.command](args)
+    if args.command in ("bench", "doctor", "diagnose", "engine"):
+        return {"bench": bench.main, "doctor": doctor.main, "diagnose": diagnose.main,
+                "engine": engine.main}[args.command](args)
     client = Client.from_args(args)
     try:
         status = client.get_json("/v1/status")
@@ -105,6 +108,10 @@ def forgectl_main(argv: list[str] | None = None) -> int:
     print(f"engine    {status['engine']['name']}: KV {kv['dtype']}, {kv['policy']}, "
           f"chunked context {'on' if levers['enable_chunked_context'] else 'off'} "
           f"(max_num_tokens {levers['max_num_tokens']})")
+    device = status["engine"].get("device")
+    if device:
+        print(f"device    {device['runs_on']}: {device['layers_offloaded']}/{device['layers_total']} layers offloaded, "
+              f"KV on {', '.join(device['kv_on']) or '?'} (libllama {device['library']})")
     print(f"sessions  {status['sessions']['active']}/{status['sessions']['max']}   "
           f"queue {status['queue']['depth']}/{status['queue']['max']}   "
           f"KV blocks {kv['blocks_used']}/{kv['blocks_total']} used, {kv.get('blocks_cached', 0)} cached")
@@ -112,7 +119,8 @@ def forgectl_main(argv: list[str] | None = None) -> int:
     if cache:
         rate = "-" if cache["hit_rate"] is None else f"{100 * cache['hit_rate']:.1f}%"
         print(f"prefix    {rate} of {cache['queries_tokens']} prompt tokens found cached")
-    for warning in filter(None, [status["sessions"].get("memory_warning"), status["engine"].get("fallback")]):
+    for warning in filter(None, [status["engine"].get("gpu_unused"), status["sessions"].get("memory_warning"),
+                                 status["engine"].get("fallback")]):
         print(f"WARNING   {warning}")
     if status.get("pending_restart"):
         print(f"pending   needs a restart: {', '.join(status['pending_restart'])}")

@@ -187,6 +187,13 @@ class LlamaCppOptions:
     # proportion to each GPU's free memory when forged starts.
     tensor_split: tuple[float, ...] | None = field(None, lo=0)
     main_gpu: int = field(0, lo=0, hi=MAX_GPUS - 1)
+    # n_gpu_layers != 0 on a machine with a GPU, but the libllama has no GPU backend: false refuses to
+    # start (one line naming `forgectl engine build`), true runs on the CPU with the KV cache sized
+    # from host memory, and every status output says that the GPU is unused.
+    allow_cpu_fallback: bool = False
+    # The CUDA architecture (CMAKE_CUDA_ARCHITECTURES, sm_XX: compute capability 8.7 -> 87) that
+    # `forgectl engine build` compiles for on the machines this profile matches; null: the probe's.
+    cuda_architecture: int | None = field(None, lo=50, hi=999)
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,8 @@ class Daemon:
         metrics = Metrics(lambda: state.live())
         state = ServiceState(config=loaded, profile_name=selection.name, profile=selection.profile,
                              hardware=hardware, engine=engine, metrics=metrics, placement=choice.placement,
-                             test_hooks=os.environ.get("FORGED_TEST_HOOKS") == "1", engine_note=choice.note)
+                             test_hooks=os.environ.get("FORGED_TEST_HOOKS") == "1", engine_note=choice.note,
+                             gpu_unused=choice.gpu_unused)
         state.metrics.set_info(sku=selection.name, engine=engine.name, model=model_name,
                                profile=selection.name)
         self.state = state
@@ -104,9 +105,10 @@ class Daemon:
             if not inherited and loaded.settings.listen.unix.enabled:
                 bound_socket = socket_path
             log.info("listening on %s", ", ".join(opened))
-            # Read before the load, on the devices that will hold the KV cache: it then takes its share
-            # of what is free there.
-            memory_before = choice.placement.kv_memory(hardware)
+            # Read before the load, on the devices that will hold the KV cache (host RAM when the GPU is
+            # unused): the cache then takes its share of what is free there.
+            memory_before = (hardware_mod.system_memory() if choice.gpu_unused
+                             else choice.placement.kv_memory(hardware))
             await self._load(engine)
             sessions = None
             if engine.kv_shape is not None:
@@ -125,7 +127,9 @@ class Daemon:
                                            on_fatal=self._on_fatal))
             state.phase = "ready"
             self.notifier.ready(self._status_line())
-            log.info("ready: model %s, profile %s", model_name, selection.name)
+            log.info("ready: model %s, profile %s, on %s", model_name, selection.name, _runs_on(engine))
+            if choice.gpu_unused:
+                log.warning("%s", choice.gpu_unused)
             self._tasks.append(asyncio.create_task(self._status_loop()))
             interval = watchdog_interval()
             if interval:
@@ -266,12 +270,20 @@ class Daemon:
         line = (f"profile {state.profile_name}, {state.phase}: sessions {len(a.sessions)}/{a.limits.max_sessions}, "
                 f"queue {len(a.queue)}/{a.limits.max_queue_depth}, "
                 f"KV blocks {stats.kv_blocks_used}/{stats.kv_blocks_total}")
-        return f"{line}; WARNING {state.memory_warning}" if state.memory_warning else line
+        warnings = [w for w in (state.gpu_unused, state.memory_warning) if w]
+        return f"{line}; WARNING {'; '.join(warnings)}" if warnings else line
 
     async def _status_loop(self) -> None:
         while True:
             await asyncio.sleep(STATUS_INTERVAL_S)
             self.notifier.status(self._status_line())
+
+
+def _runs_on(engine: Engine) -> str:
+    device = engine.device()
+    if not device:
+        return engine.name
+    return f"{device['runs_on']} ({device['layers_offloaded']}/{device['layers_total']} layers offloaded)"
 
 
 def _limits(profile: config_mod.Profile, sessions: int | None = None) -> Limits:

@@ -175,7 +175,20 @@ def report(hardware: HardwareInfo, config: LoadedConfig | None, error: str | Non
         return out
     out["selected"] = {"name": selection.name, "reason": selection.reason, "pinned": selection.pinned,
                        "fallback": selection.fallback}
+    out["cuda"] = cuda_target(hardware, selection)
     return out
+
+
+def cuda_target(hardware: HardwareInfo, selection: Selection) -> dict[str, object]:
+    """The CUDA architecture `forgectl engine build` compiles for here: the probe's compute capability
+    as sm_XX, and the selected profile's `llama_cpp.cuda_architecture`; they must agree."""
+    from forged.engine.llama_cpp.library import cuda_architecture
+
+    probed = cuda_architecture(hardware.compute_capability) if hardware.kind != "cpu" else None
+    pinned = selection.profile.llama_cpp.cuda_architecture
+    return {"compute_capability": hardware.compute_capability if probed else None, "probe_architecture": probed,
+            "profile_architecture": pinned,
+            "agree": None if probed is None or pinned is None else probed == pinned}
 
 
 def _bytes(value: object) -> str:
@@ -224,6 +237,15 @@ def render(doc: dict[str, object]) -> str:
     selected = doc["selected"]
     if isinstance(selected, dict):
         lines.append(f"selected: {selected['name']} ({selected['reason']})")
+        cuda = doc["cuda"]
+        assert isinstance(cuda, dict)
+        if cuda["probe_architecture"] or cuda["profile_architecture"]:
+            arch = cuda["probe_architecture"] or cuda["profile_architecture"]
+            verdict = {True: f"profile {selected['name']} agrees", None: "",
+                       False: f"but profile {selected['name']} says {cuda['profile_architecture']}: FIX ONE"}
+            cc = f"compute capability {cuda['compute_capability']} -> " if cuda["compute_capability"] else ""
+            lines.append(f"CUDA engine: {cc}sm_{arch} (forgectl engine build)"
+                         + (f"; {verdict[cuda['agree']]}" if verdict[cuda["agree"]] else ""))
     else:
         lines.append(f"selected: none: {doc['config_error']}")
     return "\n".join(lines)

@@ -40,6 +40,8 @@ class ServiceState:
     engine_note: str | None = None
     # The listeners and whether TCP needs a key (api.app.access_summary), once they are open.
     access: dict[str, Any] = field(default_factory=dict)
+    # Set when the machine has a GPU that the engine does not use (llama_cpp.allow_cpu_fallback), and why.
+    gpu_unused: str | None = None
 
     @property
     def model_id(self) -> str:

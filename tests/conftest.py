@@ -42,9 +42,13 @@ TEST_STATE = Path(os.environ.get("FORGED_TEST_STATE", REPO / "build" / "test-sta
 
 @pytest.fixture(scope="session")
 def model_path() -> Path:
-    """The real default model (SmolLM2-135M-Instruct), from its PyPI package."""
+    """The real default model (SmolLM2-135M-Instruct), from its PyPI package; FORGED_TEST_MODEL names
+    another GGUF (the device run of docs/benchmarks.md: a random-weight 1B model on the GPU)."""
     from forged.config import ModelSettings
     from forged.models import resolve_model
+
+    if os.environ.get("FORGED_TEST_MODEL"):
+        return Path(os.environ["FORGED_TEST_MODEL"])
 
     path, _ = resolve_model(ModelSettings(), TEST_STATE)
     return path
@@ -78,6 +82,10 @@ class Daemon:
             # On a box shared with other busy processes, two ggml threads spin-wait on each other and
             # throughput collapses; this pins the engine's threads unless the test sets them itself.
             profile = deep_merge({"llama_cpp": {"n_threads": int(os.environ["FORGED_TEST_THREADS"])}}, profile or {})
+        if os.environ.get("FORGED_TEST_GPU_LAYERS"):
+            # The device run: the same tests with the model's layers and KV on the GPU.
+            layers = int(os.environ["FORGED_TEST_GPU_LAYERS"])
+            profile = deep_merge({"llama_cpp": {"n_gpu_layers": layers}}, profile or {})
         profiles["profiles"]["cpu"] = deep_merge(profiles["profiles"]["cpu"], profile or {})
         self.profiles = profiles
         self.write_config()

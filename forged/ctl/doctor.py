@@ -42,6 +42,7 @@ class Check:
     lever: str | None = None  # the profile key to change when it fails
     suggest: Any = None
     apply: str | None = None  # reload | restart
+    command: str | None = None  # a command that fixes it, when the fix is not a profile key
 
 
 def add_parser(sub: Any) -> None:
@@ -82,13 +83,35 @@ def main(args: argparse.Namespace) -> int:
 
 def evaluate(status: dict[str, Any], config: dict[str, Any], metrics_text: str | None, metrics_error: str | None,
              rules_dirs: list[Path], input_tokens: int = 20000) -> list[Check]:
-    return [fp8_kv(status, config), paged_kv(status), chunked_context(status, input_tokens),
+    return [gpu_offload(status), fp8_kv(status, config), paged_kv(status), chunked_context(status, input_tokens),
             session_limit(status, input_tokens), queue_depth(status), metrics_exposed(metrics_text, metrics_error),
             alert_rules(rules_dirs), tcp_access(status)]
 
 
 def _levers(status: dict[str, Any]) -> dict[str, Any]:
     return status["profile"]["tensorrt_llm"]
+
+
+def gpu_offload(status: dict[str, Any]) -> Check:
+    """The GPU does the work: every layer and the KV on it, from libllama's own load report."""
+    name = "GPU offload"
+    hw = status["hardware"]
+    engine = status.get("engine", {})
+    device = engine.get("device")
+    if hw["kind"] == "cpu":
+        return Check(name, "n.a.", "no GPU on this machine: the engine runs on the CPU")
+    if device is None:
+        return Check(name, "n.a.", f"the {engine.get('name')} engine runs on the GPU by itself")
+    if engine.get("gpu_unused") or device["runs_on"] == "CPU":
+        why = engine.get("gpu_unused") or (f"{hw['name']} is here, but the engine runs on the CPU "
+                                           f"({device['library']})")
+        return Check(name, "fail", why, command="sudo forgectl engine build, then systemctl restart forged")
+    offloaded, total = device["layers_offloaded"], device["layers_total"]
+    where = f"{offloaded}/{total} layers on {device['runs_on']}, KV on {', '.join(device['kv_on']) or '?'}"
+    if total and offloaded < total:
+        key = "llama_cpp.n_gpu_layers"
+        return Check(name, "fail", f"only {where}: the layers left on the CPU set the pace", key, -1, apply_with(key))
+    return Check(name, "pass", f"{where} (libllama {device['library']})")
 
 
 def fp8_kv(status: dict[str, Any], config: dict[str, Any]) -> Check:
@@ -272,6 +295,8 @@ def render(status: dict[str, Any], checks: list[Check], where: str) -> str:
         if c.result == "fail" and c.lever:
             lines.append(f"{'':<5} {'':<{width}}  -> set {c.lever}: {json.dumps(c.suggest)} "
                          f"(then `systemctl {c.apply} forged`)")
+        elif c.result == "fail" and c.command:
+            lines.append(f"{'':<5} {'':<{width}}  -> run: {c.command}")
     counts = {r: sum(c.result == r for c in checks) for r in ("pass", "fail", "warn", "n.a.")}
     lines.append(f"{counts['pass']} pass, {counts['fail']} fail, {counts['warn']} warn, {counts['n.a.']} n.a.")
     if status.get("pending_restart"):

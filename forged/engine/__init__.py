@@ -3,7 +3,11 @@
 `create_engine` is the one place that decides which engine runs and which model file it gets, and
 it does so before any listener opens, so that every refusal is one line at startup:
 
-- `llama_cpp`: the GGUF model (`model.path`, or the default model), its magic checked.
+- `llama_cpp`: the GGUF model (`model.path`, or the default model), its magic checked; the libllama
+  to load (`llama_cpp/library.py`: an engine built by `forgectl engine build`, or the vendored CPU
+  one) and what it can run on (`llama_cpp/backends.py`). A profile that wants GPU layers on a machine
+  with a GPU and a library without one refuses to start, unless `llama_cpp.allow_cpu_fallback: true`
+  (then the KV is sized from host memory and `gpu_unused` says why).
 - `tensorrt_llm`: the hardware checks (`trtllm.check_hardware`) and a Hugging Face checkpoint
   directory in `model.path`. When the `tensorrt_llm` package is not installed the profile either
   refuses to start (one line: the package, how to install it) or, with `engine_fallback: true`,
@@ -24,7 +28,7 @@ from pathlib import Path
 from forged.config import LoadedConfig, ModelSettings, Profile
 from forged.engine.base import Engine
 from forged.gpus import Placement, place
-from forged.hardware import HardwareInfo
+from forged.hardware import HardwareInfo, system_memory
 from forged.schema import ConfigError
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,9 @@ class EngineChoice:
     placement: Placement
     # Why the engine running is not the one the profile names (engine_fallback); None when it is.
     note: str | None = None
+    # Set when the machine has a GPU that the engine does not use (llama_cpp.allow_cpu_fallback), and
+    # why; the engine's memory is then the host's.
+    gpu_unused: str | None = None
 
 
 def create_engine(loaded: LoadedConfig, profile_name: str, profile: Profile, hardware: HardwareInfo,
@@ -68,23 +75,42 @@ def create_engine(loaded: LoadedConfig, profile_name: str, profile: Profile, har
                         settings.path)
             settings = ModelSettings()
     placement = place(profile_name, profile, "llama_cpp", hardware, loaded.profiles_source)
-    # What the KV cache's devices have free, read when the engine sizes its cache (after the probe).
-    available = lambda: placement.kv_memory(hardware).available_bytes  # noqa: E731
-    return EngineChoice(_llama_cpp(profile, settings, state_dir, available, placement, hardware), placement, note)
+    engine, gpu_unused = _llama_cpp(profile_name, profile, settings, hardware, state_dir, placement)
+    return EngineChoice(engine, placement, note, gpu_unused)
 
 
-def _llama_cpp(profile: Profile, settings: ModelSettings, state_dir: Path, memory_available: Callable[[], int],
-               placement: Placement, hardware: HardwareInfo) -> Engine:
-    from forged.engine.llama_cpp.engine import LlamaCppEngine
-    from forged.engine.llama_cpp.model import check_gguf
+def _llama_cpp(profile_name: str, profile: Profile, settings: ModelSettings, hardware: HardwareInfo,
+               state_dir: Path, placement: Placement) -> tuple[Engine, str | None]:
+    from forged.engine.llama_cpp import library as library_mod
     from forged.models import resolve_model
 
     model_path, model_name = resolve_model(settings, state_dir)
+    # The GPU the probe found (a Jetson's integrated one too), by name; None on a CPU box.
+    gpu_name = None if hardware.kind == "cpu" else (hardware.gpu.name if hardware.gpu else hardware.name)
+    # Before the first `import llama_cpp`, which loads the libllama that LLAMA_CPP_LIB_PATH names.
+    choice = library_mod.choose(state_dir, hardware.compute_capability if gpu_name else None)
+    from forged.engine.llama_cpp import backends
+    from forged.engine.llama_cpp.engine import LlamaCppEngine
+    from forged.engine.llama_cpp.model import check_gguf, init_backend
+
     check_gguf(model_path)  # fail before opening listeners: one line naming the file
+    init_backend()
+    library = backends.inspect(choice)
+    backends.log_library(library)
+    gpu_unused = backends.check_offload(library, profile_name=profile_name, n_gpu_layers=profile.llama_cpp.n_gpu_layers,
+                                        allow_cpu_fallback=profile.llama_cpp.allow_cpu_fallback, gpu_name=gpu_name)
+    # What the KV cache's devices have free, read when the engine sizes its cache (after the probe).
+    available: Callable[[], int] = lambda: placement.kv_memory(hardware).available_bytes  # noqa: E731
+    if gpu_unused:
+        log.warning("%s", gpu_unused)
+        # The KV cache and the weights live in host RAM: size them from it, not from the idle GPU.
+        available = lambda: system_memory().available_bytes  # noqa: E731
     # The host-RAM tier of the prefix cache only pays where the KV lives in separate GPU memory.
-    discrete = hardware.kind == "gpu" and not hardware.unified_memory and profile.llama_cpp.n_gpu_layers != 0
-    return LlamaCppEngine(profile, model_path, model_name, memory_available=memory_available, placement=placement,
-                          host_tier=discrete or _test_host_tier())
+    discrete = (hardware.kind == "gpu" and not hardware.unified_memory and profile.llama_cpp.n_gpu_layers != 0
+                and not gpu_unused)
+    engine = LlamaCppEngine(profile, model_path, model_name, memory_available=available, placement=placement,
+                            host_tier=discrete or _test_host_tier(), library=library, gpu_unused=gpu_unused)
+    return engine, gpu_unused
 
 
 def _test_host_tier() -> bool:

@@ -321,6 +321,11 @@ class Engine(abc.ABC):
     def effective_config(self) -> dict[str, Any]:
         """The configuration exactly as handed to the engine, with the profile section it came from."""
 
+    def device(self) -> dict[str, Any] | None:
+        """Where the engine really runs, once loaded (/v1/status `engine.device`): the device holding
+        the layers and the KV, layers offloaded, the library. None: this engine does not say."""
+        return None
+
     def inject_fault(self, fault: Fault) -> None:
         """Test hook (FORGED_TEST_HOOKS=1 only): arm `fault` in the step loop. Engines without
         fault hooks refuse."""

@@ -235,7 +235,8 @@ def test_doctor_passes_the_packaged_cpu_profile(shared_daemon: Daemon, tmp_path:
                                                capsys: pytest.CaptureFixture[str]) -> None:
     rc, doc = ctl_json(capsys, shared_daemon, "doctor", "--rules-dir", str(rules_dir(tmp_path)))
     results = {c["name"]: c["result"] for c in doc["checks"]}
-    assert results == {"FP8 KV cache": "n.a.", "paged KV cache": "pass", "chunked context for 20k inputs": "pass",
+    assert results == {"GPU offload": "n.a.", "FP8 KV cache": "n.a.", "paged KV cache": "pass",
+                       "chunked context for 20k inputs": "pass",
                        "session limit vs memory": "pass", "queue depth bounded": "pass", "metrics exposed": "pass",
                        "alert rules installed": "pass", "TCP access control": "warn"}, doc
     assert rc == 0  # a warn is shown, not failed: TCP without keys on loopback is the packaged choice
@@ -244,7 +245,7 @@ def test_doctor_passes_the_packaged_cpu_profile(shared_daemon: Daemon, tmp_path:
     tcp = next(c for c in doc["checks"] if c["name"] == "TCP access control")
     assert f"127.0.0.1:{shared_daemon.port}" in tcp["reason"] and "require_keys_on_loopback" in tcp["reason"]
     rc, out, _ = ctl(capsys, shared_daemon, "doctor", "--rules-dir", str(tmp_path / "nowhere"))
-    assert rc == 0 and "5 pass, 0 fail, 1 warn, 2 n.a." in out
+    assert rc == 0 and "5 pass, 0 fail, 1 warn, 3 n.a." in out
     assert "n.a.  alert rules installed" in out and "WARN  TCP access control" in out
 
 
@@ -257,9 +258,9 @@ def test_doctor_fails_a_bad_profile_with_reasons(make_daemon: Any, tmp_path: Pat
     assert rc == 1
     checks = {c["name"]: c for c in doc["checks"]}
     assert {n: c["result"] for n, c in checks.items()} == {
-        "FP8 KV cache": "fail", "paged KV cache": "fail", "chunked context for 20k inputs": "fail",
-        "session limit vs memory": "pass", "queue depth bounded": "fail", "metrics exposed": "pass",
-        "alert rules installed": "fail", "TCP access control": "warn"}
+        "GPU offload": "n.a.", "FP8 KV cache": "fail", "paged KV cache": "fail",
+        "chunked context for 20k inputs": "fail", "session limit vs memory": "pass", "queue depth bounded": "fail",
+        "metrics exposed": "pass", "alert rules installed": "fail", "TCP access control": "warn"}
     assert "fp32" in checks["FP8 KV cache"]["reason"] and checks["FP8 KV cache"]["lever"] == \
         "tensorrt_llm.kv_cache_dtype"
     assert "refused with 400" in checks["chunked context for 20k inputs"]["reason"]
@@ -270,7 +271,7 @@ def test_doctor_fails_a_bad_profile_with_reasons(make_daemon: Any, tmp_path: Pat
     assert f"no forged-alerts.yml in {empty}" in checks["alert rules installed"]["reason"]
     rc, out, _ = ctl(capsys, daemon, "doctor", "--rules-dir", str(empty))
     assert rc == 1 and "FAIL  paged KV cache" in out and "-> set tensorrt_llm.use_paged_kv_cache: true" in out
-    assert "2 pass, 5 fail, 1 warn, 0 n.a." in out
+    assert "2 pass, 5 fail, 1 warn, 1 n.a." in out
 
 
 def test_doctor_fails_a_queue_of_zero(noqueue: Daemon, capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,6 +14,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "build"
 WHEELS = Path(os.environ.get("FORGED_WHEEL_CACHE", Path.home() / ".cache" / "forged" / "wheels"))
+# The arm64 root takes tens of minutes to debootstrap through qemu: kept for every checkout on the machine.
+ROOTFS_CACHE = Path(os.environ.get("FORGED_ROOTFS_CACHE", Path.home() / ".cache" / "forged" / "rootfs"))
 TIMINGS: list[tuple[str, float]] = []
 
 

@@ -101,9 +101,10 @@ def test_invalid_yaml_and_missing_file(cfg_dir: Path) -> None:
 
 
 def test_pinned_profile_must_exist(cfg_dir: Path) -> None:
-    _edit(cfg_dir / "forged.yaml", "profile: auto", "profile: jetson_orin")
-    assert "profile: unknown profile 'jetson_orin'; expected auto or one of: cpu, generic_gpu, generic_gpu_fp16, " \
-        "generic_gpu_small, generic_gpu_small_fp16, jetson_thor, multi_gpu, rtx_4000_pro" in _error(cfg_dir)
+    _edit(cfg_dir / "forged.yaml", "profile: auto", "profile: jetson_xavier")
+    assert "profile: unknown profile 'jetson_xavier'; expected auto or one of: cpu, generic_gpu, " \
+        "generic_gpu_fp16, generic_gpu_small, generic_gpu_small_fp16, jetson_orin, jetson_thor, multi_gpu, " \
+        "rtx_4000_pro" in _error(cfg_dir)
 
 
 def test_socket_mode_must_be_octal(cfg_dir: Path) -> None:

@@ -40,7 +40,7 @@ class Kv:
         sizing = KvSizing(num_blocks=blocks, tokens_per_block=TPB, cache_bytes=0, budget_bytes=0, limited_by="test",
                           sessions=seqs, unified=unified, n_seq_max=seqs)
         profile = Profile(llama_cpp=LlamaCppOptions(n_threads=2))
-        self.context = LlamaContext(llama, profile, sizing, n_batch=256, n_ubatch=256)
+        self.context = LlamaContext(llama, profile, sizing, n_batch=256, n_ubatch=256, n_gpu_layers=0)
         self.batch = StepBatch(256)
         self.pool: KvPool = (UnifiedPool(self.context, seqs, blocks, TPB) if unified
                              else StreamPool(self.context, seqs, blocks // seqs, TPB, min_copy_tokens=2 * TPB))

@@ -28,7 +28,8 @@ KV_DTYPE_TO_GGML: dict[str, tuple[str, int]] = {
 
 
 class LlamaContext:
-    def __init__(self, model: LlamaModel, profile: Profile, kv: KvSizing, n_batch: int, n_ubatch: int) -> None:
+    def __init__(self, model: LlamaModel, profile: Profile, kv: KvSizing, n_batch: int, n_ubatch: int,
+                 n_gpu_layers: int) -> None:
         opts, levers = profile.llama_cpp, profile.tensorrt_llm
         kv_name, kv_type = KV_DTYPE_TO_GGML[levers.kv_cache_dtype]
         threads = opts.n_threads or len(os.sched_getaffinity(0))
@@ -57,7 +58,7 @@ class LlamaContext:
         self.params: dict[str, Any] = {
             "n_ctx": kv.n_ctx, "n_batch": n_batch, "n_ubatch": n_ubatch, "n_seq_max": kv.n_seq_max,
             "n_threads": threads, "type_k": kv_name, "type_v": kv_name, "kv_unified": kv.unified,
-            "swa_full": False, "flash_attn_type": int(params.flash_attn_type), "n_gpu_layers": opts.n_gpu_layers,
+            "swa_full": False, "flash_attn_type": int(params.flash_attn_type), "n_gpu_layers": n_gpu_layers,
         }
 
     def free(self) -> None:

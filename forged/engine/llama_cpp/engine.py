@@ -34,6 +34,7 @@ from forged.engine.base import (
     context_overflow,
 )
 from forged.engine.kv import KvShape, shape_from_metadata
+from forged.engine.llama_cpp import backends
 from forged.engine.llama_cpp.batch import StepBatch
 from forged.engine.llama_cpp.calls import StepCalls
 from forged.engine.llama_cpp.context import KV_DTYPE_TO_GGML, LlamaContext
@@ -57,8 +58,13 @@ class LlamaCppEngine(Engine):
 
     def __init__(self, profile: Profile, model_path: Path, model_name: str,
                  memory_available: Callable[[], int], placement: Placement | None = None,
-                 host_tier: bool = False) -> None:
+                 host_tier: bool = False, library: backends.Library | None = None,
+                 gpu_unused: str | None = None) -> None:
         self.profile = profile
+        # The libllama loaded and what it has (backends.inspect), and why the GPU is unused, if it is.
+        self.library = library
+        self.gpu_unused = gpu_unused
+        self._device: dict[str, Any] | None = None
         # Which GPUs hold the model and its KV, and how it is split over them (forged.gpus).
         self.placement = placement or Placement(self.name)
         # Whether the profile's host_cache_size may be used: KV on a discrete GPU only.
@@ -81,7 +87,8 @@ class LlamaCppEngine(Engine):
     def load(self) -> None:
         opts, levers = self.profile.llama_cpp, self.levers
         available_before = self._memory_available()
-        self._llama = model = LlamaModel(self.model_path, opts.n_gpu_layers, **self.placement.model_params())
+        backends.LOAD_LOG.reset()
+        self._llama = model = LlamaModel(self.model_path, self.n_gpu_layers, **self.placement.model_params())
         context_length = min(self.profile.inference.max_seq_len, model.n_ctx_train)
         sessions = self.profile.inference.max_concurrent_sessions
         n_ubatch = opts.n_ubatch
@@ -95,10 +102,16 @@ class LlamaCppEngine(Engine):
             # A step never holds more than max_num_tokens while anything decodes; an idle engine
             # prefills a whole ubatch per step (scheduler.py).
             n_batch = max(levers.max_num_tokens, n_ubatch)
-            self._context = context = LlamaContext(model, self.profile, kv, n_batch, n_ubatch)
+            self._context = context = LlamaContext(model, self.profile, kv, n_batch, n_ubatch, self.n_gpu_layers)
         except EngineError:
             model.free()
             raise
+        if self.library is not None:
+            self._device = backends.placement(self.library, backends.LOAD_LOG,
+                                              backends.model_layers(model.metadata), self.gpu_unused)
+            log.info("engine device: %s; %s/%s layers offloaded; KV on %s", self._device["runs_on"],
+                     self._device["layers_offloaded"], self._device["layers_total"],
+                     ", ".join(self._device["kv_on"]) or "?")
         batch = StepBatch(n_batch)
         self.model = ModelInfo(name=self.model_name, path=str(self.model_path), context_length=context_length,
                                n_params=model.n_params, size_bytes=model.size_bytes,
@@ -137,6 +150,14 @@ class LlamaCppEngine(Engine):
                      "no host tier")
         return StreamPool(context, kv.n_seq_max, kv.stream_blocks, kv.tokens_per_block, caching=caching,
                           window=window, host=host)
+
+    @property
+    def n_gpu_layers(self) -> int:
+        """The profile's n_gpu_layers, or 0 when the GPU is unused (llama_cpp.allow_cpu_fallback)."""
+        return 0 if self.gpu_unused else self.profile.llama_cpp.n_gpu_layers
+
+    def device(self) -> dict[str, Any] | None:
+        return self._device
 
     def start(self, loop: asyncio.AbstractEventLoop, hooks: EngineHooks) -> None:
         assert self._loop is not None
@@ -284,7 +305,7 @@ class LlamaCppEngine(Engine):
             "engine": "llama_cpp",
             "model": str(self.model_path),
             "llama_context_params": dict(self._context.params) if self._context else {},
-            "llama_model_params": {"n_gpu_layers": self.profile.llama_cpp.n_gpu_layers,
+            "llama_model_params": {"n_gpu_layers": self.n_gpu_layers,
                                    **self.placement.model_params()},
             "kv_cache_dtype_mapping": {k: v[0] for k, v in KV_DTYPE_TO_GGML.items()},
             "kv_layout": None if kv is None else {

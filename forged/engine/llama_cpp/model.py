@@ -14,6 +14,7 @@ import llama_cpp as ll
 import markupsafe
 
 from forged.engine.base import EngineError, RequestRejected
+from forged.engine.llama_cpp.backends import LOAD_LOG
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         return
     if level == 4 and len(_errors) < 8:  # GGML_LOG_LEVEL_ERROR; the first few are the ones that tell
         _errors.append(msg)
+    LOAD_LOG.feed(msg)  # where the layers and the KV went (backends.py)
     log.debug("libllama: %s", msg)
 
 
