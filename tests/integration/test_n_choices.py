@@ -116,10 +116,12 @@ def test_three_streamed_chat_choices(shared_daemon: Daemon) -> None:
 
 
 def test_three_structured_choices_each_validate(shared_daemon: Daemon) -> None:
-    schema = {"type": "object", "properties": {"colour": {"type": "string"}}, "required": ["colour"]}
-    body = {"messages": [{"role": "user", "content": "A colour, as JSON."}], "max_tokens": 24, "n": 3,
-            "temperature": 1.0, "response_format": {"type": "json_schema",
-                                                    "json_schema": {"name": "c", "schema": schema}}}
+    # Short enough to always close within max_tokens: each choice is sampled (temperature 1) on its own.
+    schema = {"type": "object", "properties": {"colour": {"type": "string", "maxLength": 16}},
+              "required": ["colour"], "additionalProperties": False}
+    body = {"messages": [{"role": "user", "content": "A colour, as JSON."}], "max_tokens": 80, "n": 3,
+            "temperature": 1.0, "seed": 3, "response_format": {"type": "json_schema",
+                                                                "json_schema": {"name": "c", "schema": schema}}}
     r = httpx.post(f"{shared_daemon.url}/v1/chat/completions", json=body, timeout=300)
     assert r.status_code == 200, r.text
     answer = r.json()
