@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from forged.engine.base import GenerationRequest, TokenEvent
 from forged.engine.llama_cpp.kvpool import Slot, blocks_for
-from forged.engine.llama_cpp.sampling import Sampler
 from forged.engine.llama_cpp.text import StopMatcher, StreamDecoder
+
+if TYPE_CHECKING:
+    from forged.engine.llama_cpp.sampling import Sampler  # libllama: imported by the step loop only
 
 
 @dataclass(eq=False)
