@@ -30,8 +30,6 @@ cd "$(dirname "$0")/.."
 REPO=$PWD
 mkdir -p "$OUT"
 export LLAMA_CPP_LIB_PATH=$KIT_LIB LD_LIBRARY_PATH=$KIT_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-# The kit's libllama segfaults at model load when a Python extension loaded the system libstdc++ first.
-export LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1}
 nvidia-smi -L | tee "$OUT/gpus.txt"

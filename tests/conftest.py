@@ -86,6 +86,9 @@ class Daemon:
             # The device run: the same tests with the model's layers and KV on the GPU.
             layers = int(os.environ["FORGED_TEST_GPU_LAYERS"])
             profile = deep_merge({"llama_cpp": {"n_gpu_layers": layers}}, profile or {})
+        if os.environ.get("FORGED_TEST_PROFILE"):
+            # The device run: a model whose tokenizer takes a token per character needs more context.
+            profile = deep_merge(profile or {}, json.loads(os.environ["FORGED_TEST_PROFILE"]))
         profiles["profiles"]["cpu"] = deep_merge(profiles["profiles"]["cpu"], profile or {})
         self.profiles = profiles
         self.write_config()

@@ -36,3 +36,16 @@ def test_unchunked_prompt_goes_whole_or_waits_in_order() -> None:
     assert [(s.seq.arrival, s.n_tokens) for s in plan] == [(1, 1), (2, 200), (3, 10)]
     plan = plan_step([Seq(1)], [Seq(2, 300), Seq(3, 10)], max_num_tokens=256, chunked=False)
     assert [(s.seq.arrival, s.n_tokens) for s in plan] == [(1, 1)]
+
+
+def test_a_short_remainder_goes_ahead_of_an_older_long_prompt_within_half_the_budget() -> None:
+    # A later turn whose history was found cached needs 40 tokens; an older 4000-token prompt would
+    # otherwise hold every step's budget until it is done.
+    long_prompt, turn, another, too_long = Seq(5, 4000), Seq(6, 40), Seq(7, 60), Seq(8, 70)
+    plan = plan_step([Seq(1)], [long_prompt, turn, another, too_long], max_num_tokens=256, chunked=True)
+    # 255 tokens of prefill budget: the short ones may take 127; 70 is above a quarter of the step (64).
+    assert [(s.seq.arrival, s.n_tokens) for s in plan] == [(1, 1), (6, 40), (7, 60), (5, 155)]
+    many = [Seq(10 + i, 50) for i in range(4)]
+    plan = plan_step([], [long_prompt, *many], max_num_tokens=256, chunked=True)
+    # Only two fit the short half (128); the rest wait behind the older prompt's chunk.
+    assert [(s.seq.arrival, s.n_tokens) for s in plan] == [(10, 50), (11, 50), (5, 156)]

@@ -5,7 +5,8 @@
 found-cached prefix and all; then they are `running`. Each step is planned by `plan_step`: decodes
 first, then prefill chunks in arrival order. This is the "chunked context" lever: a step holds at most
 `max_num_tokens` tokens; every sequence past its prefill contributes one decode token, the rest of
-the budget goes to prefilling sequences, oldest first. With chunking off a prompt is only scheduled
+the budget goes to prefilling sequences: first short remainders the step can finish (within half of
+the budget), then oldest first. With chunking off a prompt is only scheduled
 whole (admission refuses prompts longer than the budget). When no sequence is decoding there is no
 stream to keep smooth, and a step may take a whole ubatch of prompt.
 
@@ -48,7 +49,21 @@ def plan_step(decoding: list[Schedulable], prefilling: list[Schedulable], max_nu
               chunked: bool) -> list[Slice]:
     plan = [Slice(s, 1, True) for s in decoding[:max_num_tokens]]
     budget = max_num_tokens - len(plan)
-    for seq in sorted(prefilling, key=lambda s: s.arrival):
+    oldest_first = sorted(prefilling, key=lambda s: s.arrival)
+    if chunked:
+        # A prefill this step can finish, up to a quarter of the step (a later turn's new message once
+        # the prefix cache found the history), goes ahead of older long prompts' chunks, within half
+        # of the budget: its first token comes a whole long prefill sooner, and the long prompts still
+        # get at least half of every step.
+        short_budget = budget // 2
+        for seq in oldest_first:
+            need = seq.prefill_remaining
+            if 0 < need <= min(max_num_tokens // 4, short_budget):
+                plan.append(Slice(seq, need, False))
+                short_budget -= need
+                budget -= need
+        oldest_first = [s for s in oldest_first if all(sl.seq is not s for sl in plan)]
+    for seq in oldest_first:
         if budget <= 0:
             break
         need = seq.prefill_remaining

@@ -208,6 +208,7 @@ class StepLoop:
 
     def _step(self) -> bool:
         """One llama_decode over the planned batch. False when nothing could be scheduled."""
+        planning = time.monotonic()
         plan = self.scheduler.plan()
         if not plan:
             return False
@@ -275,6 +276,10 @@ class StepLoop:
         for request_id in failed:
             self._end_request(request_id, None)  # its other choices: the request has one answer
         self._deliver(deliveries)
+        if log.isEnabledFor(logging.DEBUG):  # logging.level: debug: where a step's time goes
+            log.debug("step %d: %d decodes, %d prefill tokens, %d sequences; plan %.1f ms, decode %.1f ms, "
+                      "sample and deliver %.1f ms", self.steps, n_decode, n_prefill, len(plan),
+                      1000 * (started - planning), 1000 * (finished - started), 1000 * (time.monotonic() - finished))
         return True
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
