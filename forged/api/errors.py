@@ -10,9 +10,19 @@ from typing import Any
 
 from aiohttp import web
 
-from forged.api.requests import BadRequest
-
 log = logging.getLogger(__name__)
+
+
+class BadRequest(Exception):
+    """A request forged refuses; the error middleware answers it with an OpenAI error object."""
+
+    def __init__(self, message: str, param: str | None = None, *, status: int = 400,
+                 code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.status = status
+        self.code = code
 
 
 def app_key(name: str, kind: type) -> Any:

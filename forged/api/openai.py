@@ -2,7 +2,9 @@
 
 A request is parsed, tokenized, checked against the context, admitted (or refused with 503), and
 then streamed as SSE or collected into one JSON answer. Whatever way it ends (finished, client
-gone, engine error) the `finally` block hands its session back, so nothing leaks.
+gone, engine error) the `finally` block hands its session back, so nothing leaks. The prompt of a
+chat (its tools included) is built by `_build_request` with api/tools.py; the answer's shape comes
+from api/responses.py.
 """
 
 from __future__ import annotations
@@ -12,24 +14,24 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import Any
 
 from aiohttp import web
 
 from forged.admission import Refused, Ticket
-from forged.api import body
+from forged.api import body, tools
 from forged.api.errors import app_key, error_response, sse_error
 from forged.api.requests import BadRequest, ParsedRequest, parse_chat, parse_completion
-from forged.engine.base import GenerationRequest, RequestRejected, TokenEvent
+from forged.api.responses import ChoiceBuilder, Kind, usage
+from forged.engine.base import Engine, GenerationRequest, RequestRejected, SamplingParams, TokenEvent
 from forged.state import ServiceState
 from forged.targets import LatencyWindow
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["completion", "chat"]
 STATE = app_key("state", ServiceState)
 WINDOW = app_key("window", LatencyWindow)
 WRITE_TIMEOUT = app_key("write_timeout_s", float)
@@ -63,11 +65,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [_model_object(request.app[STATE])]})
+
+
+async def model(request: web.Request) -> web.Response:
+    """GET /v1/models/{model_id}: the served model, or 404 for any other id (client.models.retrieve)."""
     state = request.app[STATE]
-    return web.json_response({"object": "list", "data": [{
-        "id": state.model_id, "object": "model", "created": int(state.started_wall), "owned_by": "forged",
-        "context_length": state.engine.model.context_length or None,
-    }]})
+    model_id = request.match_info["model_id"]
+    if model_id != state.model_id:
+        return error_response(404, f"model {model_id!r} does not exist; this daemon serves {state.model_id!r}",
+                              "model_not_found", param="model")
+    return web.json_response(_model_object(state))
+
+
+def _model_object(state: ServiceState) -> dict[str, Any]:
+    return {"id": state.model_id, "object": "model", "created": int(state.started_wall), "owned_by": "forged",
+            "context_length": state.engine.model.context_length or None}
 
 
 async def _wait_until_ready(state: ServiceState) -> web.Response | None:
@@ -95,7 +108,7 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
         raise
     if isinstance(before, web.StreamResponse):
         return before
-    parsed, generation = before
+    parsed, generation, plan = before
     assert state.admission is not None
     try:
         ticket = await state.admission.admit(generation, request["received"])
@@ -107,7 +120,7 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
     answering[id(request)] = request
     try:
         send = _stream if parsed.stream else _collect
-        response, outcome = await send(request, state, ticket, parsed, kind, request["received"])
+        response, outcome = await send(request, state, ticket, parsed, plan, request["received"])
         return response
     except ClientStalled as exc:
         outcome = "client_stalled"
@@ -125,7 +138,7 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
 
 
 async def _before_admission(request: web.Request, state: ServiceState,
-                            kind: Kind) -> tuple[ParsedRequest, GenerationRequest] | web.StreamResponse:
+                            kind: Kind) -> tuple[ParsedRequest, GenerationRequest, _Plan] | web.StreamResponse:
     """Read, parse, validate, wait for the model, tokenize: the request ready for admission, or its
     refusal (counted here, and returned or raised for the error middleware to answer)."""
     try:
@@ -146,12 +159,12 @@ async def _before_admission(request: web.Request, state: ServiceState,
     try:
         # Off the event loop: tokenizing a 20k-token prompt takes tens of milliseconds, and a burst
         # of them would otherwise hold up every other request (and each other) in turn.
-        generation = await asyncio.get_running_loop().run_in_executor(request.app[TOKENIZER_POOL], _build_request,
-                                                                      state, parsed, kind)
+        generation, plan = await asyncio.get_running_loop().run_in_executor(request.app[TOKENIZER_POOL],
+                                                                            _build_request, state, parsed, kind)
     except RequestRejected as exc:
         state.metrics.reject("invalid_request")
-        return error_response(400, str(exc), exc.code)
-    return parsed, generation
+        return error_response(400, str(exc), exc.code, param=exc.param)
+    return parsed, generation, plan
 
 
 async def _send(request: web.Request, write: Awaitable[Any]) -> None:
@@ -183,27 +196,85 @@ def hang_up(app: web.Application) -> int:
     return len(requests)
 
 
-def _build_request(state: ServiceState, parsed: ParsedRequest, kind: Kind) -> GenerationRequest:
-    """The engine request: prompt tokens and sampling, validated by the engine (RequestRejected)."""
+@dataclass(frozen=True)
+class _Plan:
+    """How to read what the engine generates for a request."""
+
+    kind: Kind
+    parser: Callable[[], tools.OutputParser] = tools.ContentParser
+    echo: str = ""
+
+    def builders(self, parsed: ParsedRequest) -> list[ChoiceBuilder]:
+        assert parsed.sampling is not None
+        return [ChoiceBuilder(i, self.kind, self.parser(), parsed.sampling.logprobs is not None, self.echo)
+                for i in range(parsed.n)]
+
+
+def _build_request(state: ServiceState, parsed: ParsedRequest, kind: Kind) -> tuple[GenerationRequest, _Plan]:
+    """The engine request (prompt tokens and sampling, validated by the engine: RequestRejected),
+    and how to read its output."""
     engine = state.engine
+    assert parsed.sampling is not None
+    sampling = parsed.sampling
+    plan = _Plan(kind)
+    if parsed.response_format is not None:
+        _check_schema(engine, parsed.response_format.schema, "response_format.json_schema.schema")
     if kind == "chat":
-        assert parsed.messages is not None
-        text = engine.render_chat(parsed.messages)
+        sampling, plan, (messages, template_tools) = _chat(engine, parsed)
+        text = engine.render_chat(messages, template_tools)
         tokens = engine.tokenize(text, add_special=False, parse_special=True)
     elif isinstance(parsed.prompt, str):
         tokens = engine.tokenize_prompt(parsed.prompt)
+        plan = _Plan(kind, echo=parsed.prompt if parsed.echo else "")
     else:
         assert parsed.prompt is not None
         tokens = list(parsed.prompt)
-    assert parsed.sampling is not None
     max_tokens = parsed.max_tokens
     if max_tokens is None:
         room = engine.model.context_length - len(tokens)
         max_tokens = max(1, min(state.config.settings.server.default_max_tokens, room))
     generation = GenerationRequest(request_id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
-                                   prompt_tokens=tokens, sampling=replace(parsed.sampling, max_tokens=max_tokens))
+                                   prompt_tokens=tokens, sampling=replace(sampling, max_tokens=max_tokens),
+                                   n=parsed.n)
     engine.validate(generation)
-    return generation
+    return generation, plan
+
+
+def _response_schema(parsed: ParsedRequest) -> dict[str, Any] | None:
+    """What a direct answer must be under response_format: its schema, any object for json_object."""
+    if parsed.response_format is None:
+        return None
+    return parsed.response_format.schema or {"type": "object"}
+
+
+def _chat(engine: Engine, parsed: ParsedRequest) -> tuple[SamplingParams, _Plan, tools.TemplateInputs]:
+    """A chat in the model's tool format: its sampling (the grammar its response_format or
+    tool_choice needs), how to read its output, and what the chat template renders."""
+    assert parsed.sampling is not None and parsed.messages is not None
+    fmt = tools.format_for(engine.chat_template_source())
+    request = parsed.tools
+    sampling = parsed.sampling
+    if request is not None and request.active:
+        constraint = fmt.constraint(request, _response_schema(parsed))
+        if constraint is not None:
+            for i, tool in enumerate(request.tools):
+                _check_schema(engine, tool.parameters, f"tools[{i}].function.parameters")
+            sampling = replace(sampling, constraint=constraint)
+        elif parsed.response_format is not None:
+            raise RequestRejected(f"response_format cannot be combined with tools under tool_choice auto for a "
+                                  f"model with native tool calls ({fmt.name} format): the model chooses freely "
+                                  f"between text and calls there; use tool_choice required, or no response_format",
+                                  param="response_format")
+    inputs = fmt.template_inputs(parsed.messages, request, _response_schema(parsed))
+    return sampling, _Plan("chat", lambda: fmt.parser(request)), inputs
+
+
+def _check_schema(engine: Engine, schema: dict[str, Any] | None, where: str) -> None:
+    """Refuse, naming them, the parts of a client's schema the engine would not enforce."""
+    problems = engine.schema_problems(schema) if schema is not None else []
+    if problems:
+        raise RequestRejected(f"{where} uses JSON Schema features that forged cannot enforce while sampling: "
+                              + "; ".join(p.replace("$", where, 1) for p in problems[:8]), param=where)
 
 
 class _Timing:
@@ -247,10 +318,7 @@ class _Timing:
 
 
 def _usage(ticket: Ticket, timing: _Timing) -> dict[str, Any]:
-    prompt = len(ticket.request.prompt_tokens)
-    return {"prompt_tokens": prompt, "completion_tokens": timing.tokens, "total_tokens": prompt + timing.tokens,
-            # OpenAI's field for prompt tokens served from the prefix cache (their KV was reused).
-            "prompt_tokens_details": {"cached_tokens": timing.cached_tokens}}
+    return usage(len(ticket.request.prompt_tokens), timing.tokens, timing.cached_tokens)
 
 
 def _engine_error(event: TokenEvent) -> web.Response:
@@ -269,17 +337,18 @@ def _outcome(event: TokenEvent) -> str:
 
 
 async def _collect(request: web.Request, state: ServiceState, ticket: Ticket, parsed: ParsedRequest,
-                   kind: Kind, received: float) -> tuple[web.StreamResponse, str]:
+                   plan: _Plan, received: float) -> tuple[web.StreamResponse, str]:
     timing = _Timing(state, request.app[WINDOW], received, ticket)
-    parts: list[str] = []
-    token_ids: list[int] = []
-    while True:
+    builders = plan.builders(parsed)
+    remaining = len(builders)
+    while remaining:
         event = await ticket.events.get()
         timing.on_event(event)
-        parts.append(event.text)
-        token_ids.extend(event.token_ids)
-        if event.finish_reason is not None:
+        if event.finish_reason in ("error", "cancelled"):
             break
+        builders[event.index].collect(event)
+        if event.finish_reason is not None:
+            remaining -= 1
     timing.finish()
     outcome = _outcome(event)
     if event.finish_reason == "error":
@@ -287,19 +356,13 @@ async def _collect(request: web.Request, state: ServiceState, ticket: Ticket, pa
     if event.finish_reason == "cancelled":
         return error_response(503, "the request was cancelled because forged is shutting down",
                               "shutting_down"), outcome
-    text = "".join(parts)
-    base = {"id": ticket.request_id, "created": int(time.time()), "model": state.model_id,
-            "usage": _usage(ticket, timing)}
-    if kind == "chat":
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                  "logprobs": None, "finish_reason": event.finish_reason}
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": event.finish_reason}
+    answer = {"id": ticket.request_id, "object": "chat.completion" if plan.kind == "chat" else "text_completion",
+              "created": int(time.time()), "model": state.model_id,
+              "choices": [b.choice(parsed.return_token_ids) for b in builders],
+              "usage": _usage(ticket, timing)}
     if parsed.return_token_ids:
-        choice["token_ids"] = token_ids
-        base["prompt_token_ids"] = ticket.request.prompt_tokens
-    obj = "chat.completion" if kind == "chat" else "text_completion"
-    response = web.json_response({**base, "object": obj, "choices": [choice]})
+        answer["prompt_token_ids"] = ticket.request.prompt_tokens
+    response = web.json_response(answer)
     # Sent here rather than by aiohttp after the handler, so that a client that does not read it is
     # bounded by the write timeout, and the request counts as completed only once it is delivered.
     await _send(request, _deliver(request, response))
@@ -307,7 +370,7 @@ async def _collect(request: web.Request, state: ServiceState, ticket: Ticket, pa
 
 
 async def _stream(request: web.Request, state: ServiceState, ticket: Ticket, parsed: ParsedRequest,
-                  kind: Kind, received: float) -> tuple[web.StreamResponse, str]:
+                  plan: _Plan, received: float) -> tuple[web.StreamResponse, str]:
     timing = _Timing(state, request.app[WINDOW], received, ticket)
     # An engine that refused the request while it was submitted has already said so: answer with its
     # status rather than a 200 stream that carries only an error.
@@ -318,28 +381,22 @@ async def _stream(request: web.Request, state: ServiceState, ticket: Ticket, par
                                            "X-Accel-Buffering": "no"})
     await _send(request, response.prepare(request))
     created = int(time.time())
-    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    obj = "chat.completion.chunk" if plan.kind == "chat" else "text_completion"
 
     def write(data: bytes) -> Awaitable[None]:
         return _send(request, response.write(data))
 
-    def chunk(delta: str | None, finish: str | None, *, role: bool = False,
-              token_ids: tuple[int, ...] = ()) -> bytes:
-        if kind == "chat":
-            d: dict[str, Any] = {"role": "assistant", "content": ""} if role else \
-                ({} if delta is None else {"content": delta})
-            choice: dict[str, Any] = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
-        if parsed.return_token_ids:
-            choice["token_ids"] = list(token_ids)
-        body = {"id": ticket.request_id, "object": obj, "created": created, "model": state.model_id,
-                "choices": [choice]}
-        return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        data = {"id": ticket.request_id, "object": obj, "created": created, "model": state.model_id,
+                "choices": choices, **extra}
+        return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
 
-    if kind == "chat":
-        await write(chunk(None, None, role=True))
-    while True:
+    builders = plan.builders(parsed)
+    for builder in builders:
+        for choice in builder.opening(parsed.return_token_ids):
+            await write(chunk([choice]))
+    remaining = len(builders)
+    while remaining:
         if first is not None:
             event, first = first, None
         else:
@@ -352,20 +409,13 @@ async def _stream(request: web.Request, state: ServiceState, ticket: Ticket, par
             await write(sse_error(message, "engine_error" if event.finish_reason == "error"
                                   else "shutting_down"))
             break
-        if event.text or event.finish_reason or (parsed.return_token_ids and event.token_ids):
-            if kind == "chat" and event.finish_reason and event.text:
-                await write(chunk(event.text, None, token_ids=event.token_ids))
-                await write(chunk(None, event.finish_reason))
-            else:
-                await write(chunk(event.text if event.text or kind != "chat" else None,
-                                  event.finish_reason, token_ids=event.token_ids))
+        for choice in builders[event.index].feed(event, token_ids=parsed.return_token_ids):
+            await write(chunk([choice]))
         if event.finish_reason is not None:
-            break
+            remaining -= 1
     timing.finish()
     if parsed.include_usage:
-        usage = {"id": ticket.request_id, "object": obj, "created": created, "model": state.model_id,
-                 "choices": [], "usage": _usage(ticket, timing)}
-        await write(b"data: " + json.dumps(usage).encode() + b"\n\n")
+        await write(chunk([], usage=_usage(ticket, timing)))
     await write(b"data: [DONE]\n\n")
     await _send(request, response.write_eof())
     return response, _outcome(event)

@@ -1,23 +1,41 @@
 """The OpenAPI 3.1 document of forged's HTTP API, served at GET /openapi.json.
 
 The request schemas are built from the tables that validate requests (api/requests.py: the
-accepted fields, numeric bounds, neutral values, roles, the stop-string limit), so the document
-cannot promise what validation refuses or hide what it accepts. What those tables do not hold
-(the JSON shape of `prompt`, `messages`, `stop`, `stream_options`) is written here, once.
+accepted fields, numeric bounds, neutral values, roles, the limits), so the document cannot promise
+what validation refuses or hide what it accepts. What those tables do not hold (the JSON shape of
+`prompt`, `messages`, `stop`, `stream_options`, `tools`, `tool_choice`, `response_format`,
+`logit_bias`, and the rules that tie fields together) is written here, once.
 tests/integration/test_openapi.py holds the document to the routes the app registers and to the
-validation, both ways.
+validation, both ways. One rule no JSON Schema can state: a named tool_choice must name one of the
+request's tools.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from aiohttp import web
 
 from forged import __version__
 from forged.api.auth import EXEMPT_ROUTES
+from forged.api.chat import ROLES
 from forged.api.openai import STATE
-from forged.api.requests import BOOLEANS, CHAT_FIELDS, COMPLETION_FIELDS, MAX_STOP_STRINGS, NEUTRAL, NUMBERS, ROLES
+from forged.api.requests import (
+    BOOLEANS,
+    CHAT_BOOLEANS,
+    CHAT_FIELDS,
+    COMPLETION_FIELDS,
+    COMPLETION_NUMBERS,
+    MAX_LOGIT_BIAS,
+    MAX_STOP_STRINGS,
+    NEUTRAL,
+    NUMBERS,
+    TOKEN_ID,
+)
+from forged.api.structured import NAME as SCHEMA_NAME
+from forged.api.tools import MAX_TOOLS
+from forged.api.tools import NAME as TOOL_NAME
 
 OPENAPI_VERSION = "3.1.0"
 JSON = "application/json"
@@ -26,6 +44,41 @@ _NULL = {"type": "null"}
 _STRING_OR_NULL = {"type": ["string", "null"]}
 _TEXT_PART = {"type": "object", "required": ["type", "text"],
               "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+_CONTENT = {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}
+_TOOL_CALL = {"type": "object", "required": ["id", "function"], "additionalProperties": False, "properties": {
+    "id": {"type": "string", "minLength": 1}, "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name", "arguments"], "additionalProperties": False,
+                 "properties": {"name": {"type": "string", "minLength": 1},
+                                "arguments": {"type": "string", "description": "JSON text"}}}}}
+
+
+def _message(role: Any, required: list[str], **properties: Any) -> dict[str, Any]:
+    return {"type": "object", "required": ["role", *required], "additionalProperties": False,
+            "properties": {"role": role, **properties}}
+
+
+_MESSAGE = {"anyOf": [
+    _message({"enum": [r for r in ROLES if r not in ("assistant", "tool")]}, ["content"], content=_CONTENT,
+             name=_STRING_OR_NULL),
+    _message({"const": "assistant"}, ["content"], content=_CONTENT, name=_STRING_OR_NULL, refusal=_NULL,
+             tool_calls={"anyOf": [_NULL, {"type": "array", "items": _TOOL_CALL}]}),
+    _message({"const": "assistant"}, ["tool_calls"], content=_NULL, name=_STRING_OR_NULL, refusal=_NULL,
+             tool_calls={"type": "array", "items": _TOOL_CALL, "minItems": 1}),
+    _message({"const": "tool"}, ["content", "tool_call_id"], content=_CONTENT,
+             tool_call_id={"type": "string", "minLength": 1}, name=_STRING_OR_NULL),
+]}
+_TOOL = {"type": "object", "required": ["type", "function"], "additionalProperties": False, "properties": {
+    "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
+        "name": {"type": "string", "pattern": TOOL_NAME.pattern}, "description": _STRING_OR_NULL,
+        "parameters": {"type": "object", "description": "JSON Schema of the arguments"},
+        "strict": {"type": ["boolean", "null"]}}}}}
+_JSON_SCHEMA_FORMAT = {"type": "object", "required": ["type", "json_schema"], "additionalProperties": False,
+                       "properties": {"type": {"const": "json_schema"}, "json_schema": {
+                           "type": "object", "required": ["name"], "additionalProperties": False, "properties": {
+                               "name": {"type": "string", "pattern": SCHEMA_NAME.pattern},
+                               "description": _STRING_OR_NULL, "schema": {"type": ["object", "null"]},
+                               "strict": {"type": ["boolean", "null"]}}}}}
 # JSON shapes of the fields whose validation is code rather than a table in api/requests.py.
 _SHAPES: dict[str, dict[str, Any]] = {
     "model": {**_STRING_OR_NULL, "description": "the served model id (GET /v1/models); another id gets 404"},
@@ -36,25 +89,55 @@ _SHAPES: dict[str, dict[str, Any]] = {
         {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1,
          "description": "token ids; ids outside the vocabulary get 400"},
     ]},
-    "messages": {"type": "array", "minItems": 1, "items": {
-        "type": "object", "required": ["role", "content"],
-        "properties": {"role": {"enum": list(ROLES)},
-                       "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}},
-    }},
+    "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
     "stop": {"anyOf": [_NULL, {"type": "string"},
                        {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP_STRINGS}]},
     "stream_options": {"anyOf": [_NULL, {"type": "object", "additionalProperties": False,
                                          "properties": {"include_usage": {"type": ["boolean", "null"]}}}]},
+    "tools": {"anyOf": [_NULL, {"type": "array", "maxItems": MAX_TOOLS, "items": _TOOL}]},
+    "tool_choice": {"anyOf": [_NULL, {"enum": ["none", "auto", "required"]}, {
+        "type": "object", "required": ["type", "function"], "additionalProperties": False,
+        "properties": {"type": {"const": "function"},
+                       "function": {"type": "object", "required": ["name"], "additionalProperties": False,
+                                    "properties": {"name": {"type": "string",
+                                                            "description": "one of the request's tools"}}}}}]},
+    "response_format": {"anyOf": [_NULL, {"type": "object", "required": ["type"], "additionalProperties": False,
+                                          "properties": {"type": {"enum": ["text", "json_object"]}}},
+                                  _JSON_SCHEMA_FORMAT]},
+    "logit_bias": {"anyOf": [_NULL, {"type": "object", "maxProperties": MAX_LOGIT_BIAS,
+                                     "propertyNames": {"pattern": TOKEN_ID.pattern},
+                                     "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}]},
+}
+# Rules that tie fields together, per endpoint (JSON Schema conditionals).
+_STREAM_OPTIONS_RULE = {  # stream_options only goes with stream: true
+    "if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
+    "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}}
+_RULES: dict[str, list[dict[str, Any]]] = {
+    "prompt": [_STREAM_OPTIONS_RULE, {  # echo returns the prompt's text, without log-probabilities
+        "if": {"required": ["echo"], "properties": {"echo": {"const": True}}},
+        "then": {"properties": {"logprobs": _NULL, "prompt": {"anyOf": [
+            {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}]}}}}],
+    "messages": [_STREAM_OPTIONS_RULE, {  # top_logprobs needs logprobs: true
+        "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
+        "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}}, {
+        # a tool_choice other than none needs tools
+        "if": {"required": ["tool_choice"], "properties": {"tool_choice": {"not": {"enum": [None, "none"]}}}},
+        "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}}],
 }
 _EXTENSIONS = {"top_k": "extension (vLLM, llama-server): 0 = off",
+               "min_p": "extension (vLLM, llama-server): 0 = off",
+               "repeat_penalty": "extension (llama-server): 1 = off",
                "ignore_eos": "extension (vLLM, llama-server): keep generating past end-of-sequence",
                "return_token_ids": "extension (vLLM): token ids in each choice and the prompt's in the answer"}
 
 
-def field_schema(name: str, context_length: int | None = None) -> dict[str, Any]:
-    """The JSON Schema of one request field, from the table in api/requests.py that validates it."""
-    if name in NUMBERS:
-        bounds = NUMBERS[name]
+def field_schema(name: str, context_length: int | None = None, required: str = "messages") -> dict[str, Any]:
+    """The JSON Schema of one request field, from the table in api/requests.py that validates it.
+    `required` tells the endpoint ("prompt" or "messages"): completions' logprobs is a count."""
+    numbers = {**NUMBERS, **COMPLETION_NUMBERS} if required == "prompt" else NUMBERS
+    booleans = BOOLEANS + (CHAT_BOOLEANS if required == "messages" else ())
+    if name in numbers:
+        bounds = numbers[name]
         schema: dict[str, Any] = {"type": ["integer" if bounds.kind is int else "number", "null"]}
         if bounds.lo is not None:
             schema["exclusiveMinimum" if bounds.lo_exclusive else "minimum"] = bounds.lo
@@ -63,7 +146,7 @@ def field_schema(name: str, context_length: int | None = None) -> dict[str, Any]
         if name in ("max_tokens", "max_completion_tokens") and context_length:
             # Prompt + max_tokens must fit the context, so more than the whole context never does.
             schema["maximum"] = context_length
-    elif name in BOOLEANS:
+    elif name in booleans:
         schema = {"type": ["boolean", "null"]}
     elif name in NEUTRAL:
         schema = {"enum": list(NEUTRAL[name]),
@@ -79,10 +162,8 @@ def request_schema(fields: frozenset[str], required: str, context_length: int | 
     names = sorted(fields | set(NEUTRAL))
     return {
         "type": "object", "required": [required], "additionalProperties": False,
-        "properties": {name: field_schema(name, context_length) for name in names},
-        # stream_options only goes with stream: true.
-        "if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
-        "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
+        "properties": {name: field_schema(name, context_length, required) for name in names},
+        "allOf": _RULES[required],
     }
 
 
@@ -92,6 +173,9 @@ _ERROR = {"type": "object", "required": ["error"], "additionalProperties": False
                    "param": _STRING_OR_NULL, "code": _STRING_OR_NULL}}}}
 _ERROR_REF = {"$ref": "#/components/schemas/Error"}
 _OBJECT = {"type": "object"}
+_MODEL = {"type": "object", "required": ["id", "object", "created", "owned_by"],
+          "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
+                         "owned_by": {"type": "string"}}}
 _CHOICES = {"type": "array", "items": _OBJECT}
 _USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
           "properties": {k: {"type": "integer", "minimum": 0}
@@ -151,7 +235,11 @@ def _operations() -> dict[Any, dict[str, Any]]:
                                              "ChatCompletion"),
         openai.models: _read("The served model", _json("an OpenAI model list", {
             "type": "object", "required": ["object", "data"],
-            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _OBJECT}}})),
+            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _MODEL}}})),
+        openai.model: {**_read("One model by id (the served one)", _json("an OpenAI model", _MODEL),
+                               **{"404": _error("model_not_found: not the served model")}),
+                       "parameters": [{"name": "model_id", "in": "path", "required": True,
+                                       "schema": {"type": "string"}}]},
         ops.status: _read("SKU, hardware, profile, engine, model, uptime, sessions, queue, KV blocks"),
         ops.performance_targets: _read("The profile's targets beside live values, each met or unmet"),
         ops.engine_config: _read("The engine configuration as passed to the engine, and its profile"),
@@ -171,7 +259,8 @@ def document(context_length: int | None = None) -> dict[str, Any]:
 
     operations = _operations()
     paths: dict[str, dict[str, Any]] = {}
-    for method, path, handler in ROUTES:
+    for method, route, handler in ROUTES:
+        path = re.sub(r"\{(\w+):[^}]*\}", r"{\1}", route)  # aiohttp's {name:regex} is OpenAPI's {name}
         operation = operations[handler]
         op = {**operation, "responses": {**operation["responses"], "default": _error("any other error")}}
         if path in EXEMPT_ROUTES:

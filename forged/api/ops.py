@@ -71,6 +71,7 @@ def status_document(state: ServiceState) -> dict[str, Any]:
                    "running": stats.running, "preemptions": stats.preemptions,
                    "waiting": stats.waiting, "paused": stats.paused,
                    "device_memory_used_bytes": stats.device_memory_used_bytes,
+                   "prefilled_tokens_total": stats.prefilled_tokens,
                    "prefill_tokens_per_s": round(stats.prefill_tokens_per_s, 1),
                    "decode_tokens_per_s": round(stats.decode_tokens_per_s, 1)},
         "model": {"id": state.model_id, "path": state.engine.model.path,

@@ -1,31 +1,27 @@
 """Parsing and validating OpenAI-shaped request bodies.
 
 Policy on fields (docs/api.md): fields of the OpenAI API that forged implements are honoured;
-OpenAI fields it does not implement are accepted only at their neutral value (`n: 1`,
-`logprobs: null`, ...) and refused otherwise, so a client never silently gets less than it asked
-for; anything else is refused with 400 naming the field. Three widely used extensions are accepted:
-`top_k`, `ignore_eos` and `return_token_ids` (as in vLLM and llama-server).
+OpenAI fields it does not implement are accepted only at their neutral value (`best_of: 1`,
+`suffix: null`, ...) and refused otherwise, so a client never silently gets less than it asked
+for; anything else is refused with 400 naming the field. Widely used extensions are accepted:
+`top_k`, `min_p`, `repeat_penalty`, `ignore_eos` and `return_token_ids` (as in vLLM and llama-server).
+Messages are parsed in api/chat.py, tools in api/tools.py, response_format in api/structured.py.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from forged.engine.base import SamplingParams
+from forged.api.chat import parse_messages
+from forged.api.errors import BadRequest
+from forged.api.structured import parse_response_format
+from forged.api.tools import ToolRequest, parse_tools
+from forged.engine.base import OutputConstraint, SamplingParams
 
-
-class BadRequest(Exception):
-    """A request forged refuses; the error middleware answers it with an OpenAI error object."""
-
-    def __init__(self, message: str, param: str | None = None, *, status: int = 400,
-                 code: str = "invalid_request") -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.status = status
-        self.code = code
+__all__ = ["BadRequest", "ParsedRequest", "parse_chat", "parse_completion"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +35,9 @@ class Bounds:
 
 
 MAX_STOP_STRINGS = 4
-ROLES = ("system", "developer", "user", "assistant")
+MAX_CHOICES = 16  # n; the engine may allow fewer (Engine.max_choices)
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300
 NUMBERS: dict[str, Bounds] = {
     "max_tokens": Bounds(int, lo=1),
     "max_completion_tokens": Bounds(int, lo=1),
@@ -48,22 +46,32 @@ NUMBERS: dict[str, Bounds] = {
     # libllama and TensorRT-LLM take top_k as a C int: a larger value would wrap (2**32 + 1 -> 1).
     # Any value from the vocabulary size up keeps every token, as 0 does.
     "top_k": Bounds(int, 0, 2**31 - 1),
+    "min_p": Bounds(float, 0.0, 1.0),
     "seed": Bounds(int, -(2**63), 2**64 - 1),
+    "n": Bounds(int, 1, MAX_CHOICES),
+    "presence_penalty": Bounds(float, -2.0, 2.0),
+    "frequency_penalty": Bounds(float, -2.0, 2.0),
+    "repeat_penalty": Bounds(float, 0.0, 10.0, lo_exclusive=True),
+    "top_logprobs": Bounds(int, 0, MAX_TOP_LOGPROBS),  # chat
 }
-BOOLEANS = ("stream", "ignore_eos", "return_token_ids")
+# The same name means different things on the two endpoints: completions' logprobs is a count.
+COMPLETION_NUMBERS: dict[str, Bounds] = {"logprobs": Bounds(int, 0, MAX_TOP_LOGPROBS)}
+BOOLEANS = ("stream", "ignore_eos", "return_token_ids", "echo", "parallel_tool_calls")
+CHAT_BOOLEANS = ("logprobs",)
 
-COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
-                           "stream_options", "ignore_eos", "return_token_ids", "user"})
+COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
+                           "stream", "stream_options", "ignore_eos", "return_token_ids", "user", "n",
+                           "presence_penalty", "frequency_penalty", "repeat_penalty", "logit_bias", "logprobs",
+                           "response_format"})
 # OpenAI fields forged does not implement, with the values that mean "not used".
 NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (1, None), "presence_penalty": (0, None), "frequency_penalty": (0, None),
-    "logit_bias": (None, {}), "logprobs": (None, False), "top_logprobs": (None,),
-    "best_of": (1, None), "echo": (False, None), "suffix": (None,), "service_tier": (None, "auto"),
-    "parallel_tool_calls": (None,), "tools": (None,), "tool_choice": (None, "none"), "metadata": (None, {}),
-    "store": (None, False), "response_format": (None, {"type": "text"}),
+    "best_of": (1, None), "suffix": (None,), "service_tier": (None, "auto"), "metadata": (None, {}),
+    "store": (None, False),
 }
-COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+                               "parallel_tool_calls"}
+TOKEN_ID = re.compile(r"^[0-9]{1,10}$")
 
 
 @dataclass(frozen=True)
@@ -75,7 +83,12 @@ class ParsedRequest:
     include_usage: bool
     return_token_ids: bool = False
     prompt: str | list[int] | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
+    n: int = 1
+    echo: bool = False
+    tools: ToolRequest | None = None
+    # response_format as asked: None for text; its constraint also sits in sampling (without tools).
+    response_format: OutputConstraint | None = None
 
 
 def parse_completion(body: Any) -> ParsedRequest:
@@ -93,45 +106,31 @@ def parse_completion(body: Any) -> ParsedRequest:
                              "(batched prompts are not supported)", "prompt")
     elif not isinstance(prompt, str):
         raise BadRequest("prompt is required and must be a string", "prompt")
-    return _common(body, prompt=prompt)
+    logprobs = _numeric(body, "logprobs", None, COMPLETION_NUMBERS)
+    echo = _bool(body, "echo", False)
+    if echo and logprobs is not None:
+        raise BadRequest("echo with logprobs would need the prompt's log-probabilities, which forged does not "
+                         "compute; drop one of them", "echo")
+    if echo and not isinstance(prompt, str):
+        raise BadRequest("echo needs a text prompt (it returns the prompt's text)", "echo")
+    return _common(body, logprobs, prompt=prompt, echo=echo)
 
 
 def parse_chat(body: Any) -> ParsedRequest:
     body = _object(body)
     _check_fields(body, CHAT_FIELDS)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("messages is required and must be a non-empty list", "messages")
-    out: list[dict[str, str]] = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            raise BadRequest(f"messages[{i}] must be an object", f"messages[{i}]")
-        role = msg.get("role")
-        if role not in ROLES:
-            raise BadRequest(f"messages[{i}].role must be system, developer, user or assistant",
-                             f"messages[{i}].role")
-        out.append({"role": "system" if role == "developer" else role,
-                    "content": _content_text(msg.get("content"), i)})
+    messages = parse_messages(body.get("messages"))
     if body.get("max_completion_tokens") is not None:
         # The newer name wins over the deprecated one, as in OpenAI's API; both must be valid.
         _numeric(body, "max_tokens", None)
         body = dict(body, max_tokens=_numeric(body, "max_completion_tokens", None))
-    return _common(body, messages=out)
-
-
-def _content_text(content: Any, i: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise BadRequest(f"messages[{i}].content: only text parts are supported",
-                                 f"messages[{i}].content")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise BadRequest(f"messages[{i}].content must be a string or a list of text parts",
-                     f"messages[{i}].content")
+    top = _numeric(body, "top_logprobs", None)
+    logprobs = None
+    if _bool(body, "logprobs", False):
+        logprobs = top or 0
+    elif top is not None:
+        raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+    return _common(body, logprobs, messages=messages, tools=parse_tools(body))
 
 
 def _object(body: Any) -> dict[str, Any]:
@@ -157,7 +156,7 @@ def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
     return any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in neutral)
 
 
-def _common(body: dict[str, Any], **kw: Any) -> ParsedRequest:
+def _common(body: dict[str, Any], logprobs: int | None, **kw: Any) -> ParsedRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise BadRequest("model must be a string", "model")
@@ -189,10 +188,33 @@ def _common(body: dict[str, Any], **kw: Any) -> ParsedRequest:
         include_usage = _bool(options, "include_usage", False)
         if not stream:
             raise BadRequest("stream_options is only allowed with stream: true", "stream_options")
-    sampling = SamplingParams(max_tokens=max_tokens or 1, temperature=temperature, top_p=top_p, top_k=top_k,
-                              seed=seed, stop=stops, ignore_eos=ignore_eos)
+    response_format = parse_response_format(body.get("response_format"))
+    sampling = SamplingParams(
+        max_tokens=max_tokens or 1, temperature=temperature, top_p=top_p, top_k=top_k,
+        min_p=_numeric(body, "min_p", 0.0), seed=seed, stop=stops, ignore_eos=ignore_eos,
+        presence_penalty=_numeric(body, "presence_penalty", 0.0),
+        frequency_penalty=_numeric(body, "frequency_penalty", 0.0),
+        repeat_penalty=_numeric(body, "repeat_penalty", 1.0), logit_bias=_logit_bias(body.get("logit_bias")),
+        logprobs=logprobs, constraint=response_format)
     return ParsedRequest(model=model, sampling=sampling, max_tokens=max_tokens, stream=stream,
-                         include_usage=include_usage, return_token_ids=return_token_ids, **kw)
+                         include_usage=include_usage, return_token_ids=return_token_ids,
+                         n=_numeric(body, "n", 1), response_format=response_format, **kw)
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """{"token id": bias in -100..100}, as OpenAI takes it (JSON object keys are strings)."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise BadRequest(f"logit_bias must be an object of at most {MAX_LOGIT_BIAS} token ids", "logit_bias")
+    out = []
+    for key, bias in value.items():
+        if not TOKEN_ID.match(key):
+            raise BadRequest(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise BadRequest(f"logit_bias[{key!r}] must be a number in -100..100", "logit_bias")
+        out.append((int(key), float(bias)))
+    return tuple(out)
 
 
 def _bool(body: dict[str, Any], key: str, default: bool) -> bool:
@@ -204,11 +226,11 @@ def _bool(body: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
-def _numeric(body: dict[str, Any], key: str, default: Any) -> Any:
+def _numeric(body: dict[str, Any], key: str, default: Any, table: dict[str, Bounds] = NUMBERS) -> Any:
     value = body.get(key)
     if value is None:
         return default
-    bounds = NUMBERS[key]
+    bounds = table[key]
     if bounds.kind is int:
         value = _integer(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -26,9 +26,47 @@ class EngineError(Exception):
 class RequestRejected(Exception):
     """A request the engine can never run as asked (too long, bad parameters). Maps to HTTP 400."""
 
-    def __init__(self, message: str, code: str = "invalid_request") -> None:
+    def __init__(self, message: str, code: str = "invalid_request", param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.param = param
+
+
+def context_overflow(prompt: int, max_tokens: int, context: int) -> RequestRejected:
+    """A prompt (plus max_tokens) longer than the context, in OpenAI's own words, so that client
+    libraries raise their context-window errors and their fallbacks (trimming, a larger model) run:
+    litellm recognises "This model's maximum context length is", LangChain the code's name in the
+    message (the openai client's exception text carries only the message, not the code)."""
+    if prompt >= context:
+        asked = f"{prompt} tokens in the prompt alone"
+    else:
+        asked = f"{prompt + max_tokens} tokens ({prompt} in the prompt, {max_tokens} in the completion)"
+    return RequestRejected(f"This model's maximum context length is {context} tokens. However, you requested "
+                           f"{asked}. Please reduce the length of the prompt or of max_tokens "
+                           f"(context_length_exceeded).", "context_length_exceeded")
+
+
+@dataclass(frozen=True)
+class OutputConstraint:
+    """What the generated text must be, enforced while sampling (never checked afterwards).
+
+    `schema` is a JSON Schema the JSON text must satisfy; None means any JSON object (OpenAI's
+    `json_object`). With `before`/`after` each JSON document is wrapped in that literal text, and
+    `max_items` other than 1 allows that many wrapped documents in a row, at least one (None: any
+    number): a model's native tool-call syntax, e.g. `<tool_call>\n{...}\n</tool_call>`. Engines
+    turn it into their own grammar (llama.cpp's GBNF, TensorRT-LLM's guided decoding) and refuse, as
+    RequestRejected, what they cannot enforce.
+    """
+
+    schema: dict[str, Any] | None = None
+    before: str = ""
+    after: str = ""
+    max_items: int | None = 1
+
+    @property
+    def plain_json(self) -> bool:
+        """One bare JSON document: what `response_format` asks for."""
+        return not self.before and not self.after and self.max_items == 1
 
 
 @dataclass(frozen=True)
@@ -37,9 +75,19 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # 0 = off
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # OpenAI's penalties: over the tokens this request has generated (not the prompt).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0  # llama.cpp's: logits of generated tokens divided (>0) or multiplied (<0) by it
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    # Log-probabilities: None = none; N >= 0 = the sampled token's, and the N most likely tokens' at
+    # each position, from the model's own distribution (before penalties, bias, grammar, temperature).
+    logprobs: int | None = None
+    constraint: OutputConstraint | None = None
 
 
 @dataclass
@@ -47,12 +95,33 @@ class GenerationRequest:
     request_id: str
     prompt_tokens: list[int]
     sampling: SamplingParams
+    # Choices to generate from this one prompt (OpenAI's `n`). An engine generates them by forking
+    # the sequence after the prompt's prefill, so the prompt is prefilled once; each choice has its
+    # own sampler (seed + index when a seed is given) and its own finish. Engines whose
+    # `max_choices` is below n refuse the request in validate().
+    n: int = 1
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability, with the most likely alternatives at its position."""
+
+    token: int
+    piece: bytes  # the token's bytes (may be part of a UTF-8 character)
+    logprob: float
+    top: tuple[tuple[int, bytes, float], ...] = ()  # (token, bytes, logprob), most likely first
 
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """One step's output for one request: new text (possibly empty while UTF-8 or a stop string is
-    incomplete), the token ids it came from, and a finish reason on the last event."""
+    """One step's output for one choice of a request: new text (possibly empty while UTF-8 or a stop
+    string is incomplete), the token ids it came from, and a finish reason on the choice's last
+    event.
+
+    With n > 1 every event names its choice (`index`, 0..n-1); each choice ends with its own "stop"
+    or "length" event, and the request is done when all n have. An "error" or "cancelled" event
+    ends the whole request, whatever its index.
+    """
 
     text: str
     token_ids: tuple[int, ...] = ()
@@ -65,6 +134,8 @@ class TokenEvent:
     # On the first event of a request: how many of its prompt tokens were found in the prefix cache
     # (usage.prompt_tokens_details.cached_tokens).
     cached_tokens: int | None = None
+    index: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when the request asked for logprobs
 
 
 FaultKind = Literal["hang", "sample_error", "decode_error"]
@@ -112,6 +183,9 @@ class EngineStats:
     prefix_cache_hits: int | None = None
     # Engine-specific figures of the prefix cache for /v1/status (copies, host tier, ...).
     prefix_cache_detail: dict[str, Any] = field(default_factory=dict)
+    # Prompt tokens the engine computed since it started (found-cached ones are not); None: it cannot
+    # say. A request of n choices prefills its prompt once.
+    prefilled_tokens: int | None = None
 
     @property
     def kv_blocks_free(self) -> int:
@@ -173,6 +247,9 @@ class Engine(abc.ABC):
     kv_shape: KvShape | None = None
     # Sessions the loaded engine can hold at once (its sequence slots); None: no limit of its own.
     max_sessions: int | None = None
+    # The most choices (GenerationRequest.n) one request may ask for; validate() refuses more (400,
+    # before admission). llama_cpp: its sessions (the choices run at once, forked after the prefill).
+    max_choices: int = 1
 
     @abc.abstractmethod
     def load(self) -> None:
@@ -194,8 +271,19 @@ class Engine(abc.ABC):
         return self.tokenize(text, add_special=True, parse_special=True)
 
     @abc.abstractmethod
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """Apply the model's own chat template. Raises RequestRejected for messages it refuses."""
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        """Apply the model's own chat template, with the OpenAI `tools` list when given (Jinja
+        templates take `tools`). Raises RequestRejected for messages it refuses."""
+
+    def schema_problems(self, schema: Any) -> list[str]:
+        """The parts of a JSON Schema (response_format, tool parameters) this engine cannot enforce
+        while sampling, each naming its path; the API refuses the request with them (400)."""
+        return []
+
+    def chat_template_source(self) -> str:
+        """The chat template's text (Jinja), or "" when the engine renders chats another way; the API
+        reads it to recognise a model family's tool-call syntax."""
+        return ""
 
     @abc.abstractmethod
     def validate(self, request: GenerationRequest) -> None:

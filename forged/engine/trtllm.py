@@ -16,6 +16,15 @@ table an operator reads):
 - **Hardware.** fp8 KV needs compute capability 8.9 or later; Jetson (Thor is SM110) is not
   supported by 1.0-1.2; the KV cache is always paged; `max_num_tokens` is a multiple of
   `tokens_per_block`. A refusal is a config error (exit 78, no restart loop) naming file:line.
+- **Sampling.** temperature, top_p, top_k, min_p, seed, presence/frequency penalties and
+  `repeat_penalty` (`repetition_penalty`) map to `SamplingParams`. Structured output (a
+  response_format, or a tool_choice that forces a call in the generic tool format) maps to guided
+  decoding: `GuidedDecodingParams(json=schema)` or `(json_object=True)` in
+  `SamplingParams.guided_decoding`, with `guided_decoding_backend="xgrammar"` given to `LLM(...)`
+  where the installed version's LlmArgs has that field (1.0-1.2 do); without it a constrained
+  request is refused (400), never answered unconstrained. Refused with 400 for now: logprobs,
+  logit_bias (TensorRT-LLM takes a bias tensor, `embedding_bias`), n > 1 and a tool-call syntax
+  wrapped around JSON (a native `<tool_call>` format under a forced tool_choice).
 - **Streaming.** `generate_async(prompt_token_ids, SamplingParams, streaming=True)`; each
   `RequestOutput` (the same object, updated in place) gives `outputs[0].text_diff` and
   `token_ids_diff`. Stop strings are passed to TensorRT-LLM (so that it stops generating) with
@@ -61,11 +70,13 @@ from forged.engine.base import (
     EngineStats,
     GenerationRequest,
     ModelInfo,
+    OutputConstraint,
     Progress,
     Rate,
     RequestRejected,
     SamplingParams,
     TokenEvent,
+    context_overflow,
 )
 from forged.engine.kv import shape_from_hf_config
 from forged.engine.llama_cpp.text import StopMatcher  # pure Python: no libllama import
@@ -75,6 +86,7 @@ from forged.schema import ConfigError
 log = logging.getLogger(__name__)
 
 PACKAGE = "tensorrt_llm"
+GUIDED_BACKEND_FIELD, GUIDED_BACKEND = "guided_decoding_backend", "xgrammar"
 SUPPORTED_VERSIONS = ((1, 0), (1, 1), (1, 2))
 INSTALL_HINT = ("pip install --extra-index-url https://pypi.nvidia.com 'tensorrt-llm>=1.0,<1.3' "
                 "(CUDA 12.8+ driver; see docs/engines.md)")
@@ -283,6 +295,11 @@ def translate(profile_name: str, profile: Profile, model: str, trt: Any, *, max_
     else:  # LLM's own default: not passed, so that a single-GPU call stays what it was
         mapping["tensorrt_llm.tensor_parallel_size"] = "tensor_parallel_size (1, LLM's default: not passed)"
     put("enable_iter_perf_stats", True, "(forged) iteration stats for /metrics and /v1/status")
+    if GUIDED_BACKEND_FIELD in _fields(args_cls):
+        put(GUIDED_BACKEND_FIELD, GUIDED_BACKEND, "(forged) response_format and forced tool calls")
+    else:
+        notes.append(f"{GUIDED_BACKEND_FIELD}: TensorRT-LLM {version} has no such argument, so requests that "
+                     f"need structured output (response_format, a forced tool call) are refused with 400")
     need(args_cls, "kv_cache_config", "tensorrt_llm")
     need(args_cls, "scheduler_config", "tensorrt_llm.scheduler_policy")
 
@@ -474,24 +491,35 @@ class TrtLlmEngine(Engine):
     def tokenize_prompt(self, text: str) -> list[int]:
         return self.tokenize(text, add_special=True, parse_special=True)
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        extra = {"tools": tools} if tools else {}
         try:
-            text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                       **extra)
         except Exception as exc:  # jinja2 TemplateError, or ValueError when the model has no template
             raise RequestRejected(f"the model's chat template refused these messages: {_one_line(exc)}") from None
         return str(text)
 
+    def chat_template_source(self) -> str:
+        source = getattr(self._tokenizer, "chat_template", None)
+        return source if isinstance(source, str) else ""
+
     def validate(self, request: GenerationRequest) -> None:
+        sp = request.sampling
+        refused = [name for name, asked in (("logprobs", sp.logprobs is not None), ("logit_bias", bool(sp.logit_bias)),
+                                            (f"n: {request.n}", request.n > self.max_choices)) if asked]
+        if refused:
+            raise RequestRejected(f"the tensorrt_llm engine does not serve {', '.join(refused)} yet",
+                                  param=refused[0].split(":")[0])
+        if sp.constraint is not None:
+            self._guided(sp.constraint)  # refuses what guided decoding cannot take
         prompt = len(request.prompt_tokens)
         context = self.model.context_length
         total = prompt + request.sampling.max_tokens
         if prompt == 0:
             raise RequestRejected("the prompt is empty")
-        if prompt >= context:
-            raise RequestRejected(f"the prompt has {prompt} tokens, but this model's context is {context} tokens")
-        if total > context:
-            raise RequestRejected(f"the prompt has {prompt} tokens and max_tokens is {request.sampling.max_tokens}, "
-                                  f"{total} in all, but this model's context is {context} tokens")
+        if prompt >= context or total > context:
+            raise context_overflow(prompt, request.sampling.max_tokens, context)
         if not self.levers.enable_chunked_context and prompt > self.levers.max_num_tokens:
             raise RequestRejected(f"the prompt has {prompt} tokens, more than max_num_tokens "
                                   f"({self.levers.max_num_tokens}), and this profile has chunked context off")
@@ -617,6 +645,15 @@ class TrtLlmEngine(Engine):
                 kw["top_p"] = sp.top_p
             if sp.top_k > 0:
                 kw["top_k"] = sp.top_k
+            if sp.min_p > 0:
+                kw["min_p"] = sp.min_p
+        for name, value, off in (("presence_penalty", sp.presence_penalty, 0.0),
+                                 ("frequency_penalty", sp.frequency_penalty, 0.0),
+                                 ("repetition_penalty", sp.repeat_penalty, 1.0)):
+            if value != off:
+                kw[name] = value
+        if sp.constraint is not None:
+            kw["guided_decoding"] = self._guided(sp.constraint)
         if sp.seed is not None:
             kw["seed"] = sp.seed
         if sp.stop:
@@ -626,6 +663,20 @@ class TrtLlmEngine(Engine):
         if sp.ignore_eos:
             kw["ignore_eos"] = True
         return self._trt.SamplingParams(**kw)
+
+    def _guided(self, constraint: OutputConstraint) -> Any:
+        """The constraint as TensorRT-LLM's GuidedDecodingParams; RequestRejected when it cannot be."""
+        tr = self.translation
+        if tr is None or GUIDED_BACKEND_FIELD not in tr.kwargs:
+            raise RequestRejected(f"structured output needs TensorRT-LLM's {GUIDED_BACKEND_FIELD}, which TensorRT-LLM "
+                                  f"{tr.version if tr else '?'} does not have")
+        if not constraint.plain_json:
+            raise RequestRejected("the tensorrt_llm engine cannot hold the model to its native tool-call syntax; "
+                                  "use tool_choice auto with this model")
+        params = getattr(importlib.import_module(f"{PACKAGE}.llmapi"), "GuidedDecodingParams", None)
+        if params is None:
+            raise RequestRejected(f"TensorRT-LLM {tr.version} has no GuidedDecodingParams")
+        return params(json_object=True) if constraint.schema is None else params(json=constraint.schema)
 
     def _is_request_error(self, exc: BaseException) -> bool:
         if self._request_error and isinstance(exc, self._request_error):

@@ -80,7 +80,7 @@ def rules_dir(tmp_path: Path) -> Path:
 def test_status_over_socket_and_tcp(shared_daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = ctl(capsys, shared_daemon, "status", socket=True)
     assert rc == 0
-    for text in ("profile cpu", "hardware  cpu:", "model     gemma-3-270m-q4_k_m", "KV fp16", "sessions  0/4",
+    for text in ("profile cpu", "hardware  cpu:", "model     smollm2-135m-instruct-q4_1", "KV fp16", "sessions  0/4",
                  "queue 0/8", "ttft_p99_ms", "target 5000", "cached", "prompt tokens found cached"):
         assert text in out, out
     rc, doc = ctl_json(capsys, shared_daemon, "status")

@@ -81,8 +81,9 @@ def post_raw(daemon: Daemon, route: str, body: bytes, **headers: str) -> httpx.R
     ("/v1/completions", b'{"prompt": "x", "top_p": NaN}', "top_p", "<= 1"),
     ("/v1/completions", b'{"prompt": "x", "frobnicate": 1}', "frobnicate", "unknown field 'frobnicate'"),
     ("/v1/completions", b'{"prompt": "x", "max_token": 5}', "max_token", "unknown field"),
-    ("/v1/completions", b'{"prompt": "x", "n": 2}', "n", "not supported"),
-    ("/v1/completions", b'{"prompt": "x", "n": true}', "n", "not supported"),
+    ("/v1/completions", b'{"prompt": "x", "n": 5}', "n", "n is 5"),  # the cpu profile runs 4 at once
+    ("/v1/completions", b'{"prompt": "x", "n": 17}', "n", "<= 16"),
+    ("/v1/completions", b'{"prompt": "x", "n": true}', "n", "integer"),
     ("/v1/completions", b'{"prompt": [1, "a"]}', "prompt", "token ids"),
     ("/v1/chat/completions", b'{"messages": "hi"}', "messages", "non-empty list"),
     ("/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "x"}]}', "messages[0].role", "role"),

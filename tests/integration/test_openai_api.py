@@ -77,9 +77,14 @@ def test_prompt_over_context_names_both_numbers(shared_daemon: Daemon) -> None:
     assert r.status_code == 400
     error = r.json()["error"]
     assert error["code"] == "context_length_exceeded"
-    assert str(context) in error["message"]
-    prompt_tokens = int(error["message"].split("has ")[1].split(" tokens")[0])
+    # OpenAI's own wording, which client libraries match to raise their context-window errors.
+    assert error["message"].startswith(f"This model's maximum context length is {context} tokens.")
+    prompt_tokens = int(error["message"].split("you requested ")[1].split(" tokens")[0])
     assert prompt_tokens > context
+    r = httpx.post(f"{shared_daemon.url}/v1/completions", json={"prompt": "word", "max_tokens": context},
+                   timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert f"in the prompt, {context} in the completion" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(("body", "param"), [
@@ -88,7 +93,8 @@ def test_prompt_over_context_names_both_numbers(shared_daemon: Daemon) -> None:
     (b'{"prompt": "x", "max_tokens": -1}', "max_tokens"),
     (b'{"prompt": "x", "temperature": "hot"}', "temperature"),
     (b'{"prompt": "x", "frobnicate": 1}', "frobnicate"),
-    (b'{"prompt": "x", "n": 3}', "n"),
+    (b'{"prompt": "x", "n": 99}', "n"),
+    (b'{"prompt": "x", "best_of": 3}', "best_of"),
     (b'{"prompt": "\xff\xfe"}', None),
 ])
 def test_bad_requests_get_openai_errors(shared_daemon: Daemon, body: bytes, param: str | None) -> None:
@@ -111,8 +117,11 @@ def test_utf8_split_across_tokens_streams_whole_characters(shared_daemon: Daemon
     body = {"messages": [{"role": "user", "content": "Reply with exactly these emoji: 🌊🐚🦀🐙 and the word 海"}],
             "max_tokens": 40, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{shared_daemon.url}/v1/chat/completions", json=body, timeout=60) as r:
-        deltas = [e["choices"][0]["delta"].get("content") or "" for e in sse_events(r.iter_lines())
-                  if e != "[DONE]" and e["choices"]]
+        choices = [e["choices"][0] for e in sse_events(r.iter_lines()) if e != "[DONE]" and e["choices"]]
+    deltas = [c["delta"].get("content") or "" for c in choices]
     text = "".join(deltas)
+    if choices[-1]["finish_reason"] == "length":
+        # max_tokens may end the answer inside a character: its bytes so far can only be U+FFFD.
+        text = text.removesuffix("\ufffd")
     assert "\ufffd" not in text, f"a multi-byte character was split: {deltas!r}"
     assert text.strip()

@@ -38,6 +38,9 @@ FUZZ_CONTEXT = 64
 FUZZ_EXAMPLES = 40
 REQUESTS = [("/v1/completions", parse_completion, COMPLETION_FIELDS),
             ("/v1/chat/completions", parse_chat, CHAT_FIELDS)]
+# Rules that tie a value to another field's contents, which JSON Schema cannot state (api/openapi.py
+# says so): a schema-valid body may break them, and then its refusal is right. (param, message end)
+CROSS_REFERENCES = [("tool_choice", "which is not in tools")]
 
 
 def _operations(doc: dict[str, Any]) -> set[tuple[str, str]]:
@@ -104,7 +107,8 @@ def test_validation_accepts_exactly_what_the_schema_allows(path: str, parse: Any
         try:
             parse(case.body)
         except BadRequest as exc:
-            if mode is GenerationMode.POSITIVE:
+            crossed = any(exc.param == param and exc.message.endswith(end) for param, end in CROSS_REFERENCES)
+            if mode is GenerationMode.POSITIVE and not crossed:
                 disagreements.append((case.body, exc.message))
         else:
             if mode is GenerationMode.NEGATIVE:

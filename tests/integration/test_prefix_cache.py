@@ -19,6 +19,10 @@ SYSTEM = ("You keep the records of the Northpoint lighthouse. Every night you wr
 QUESTIONS = ["Count from one to ten in words.", "Now count from eleven to twenty in words.",
              "Now list the days of the week."]
 UNIFIED = {"llama_cpp": {"kv_unified": True}}
+# The tests that compare one request's greedy text across different batches and cache states run on
+# Gemma 3 270M: SmolLM2-135M (the default model) has near-ties in its greedy choices on these prompts,
+# and libllama's kernels are not batch-invariant, so a token there flips with the batch (measured:
+# at token 14 of 16, and within 24 tokens after a host-tier restore), KV right or wrong.
 
 
 def _chat(daemon: Daemon, messages: list[dict[str, str]], max_tokens: int = 24, **extra: Any) -> dict[str, Any]:
@@ -179,7 +183,7 @@ def test_cached_blocks_give_way_before_anything_waits_or_is_preempted(make_daemo
     assert daemon.status()["kv_cache"]["blocks_used"] == 0
 
 
-def test_cancelling_a_sequence_that_shares_a_prefix_leaves_the_other_unchanged(make_daemon) -> None:
+def test_cancelling_a_sequence_that_shares_a_prefix_leaves_the_other_unchanged(make_daemon, gemma_path) -> None:
     """A second request shares the first's prompt blocks, leaves mid-stream, and a third request's
     blocks evict what it left cached: the first request's tokens are those it gives alone.
 
@@ -187,7 +191,7 @@ def test_cancelling_a_sequence_that_shares_a_prefix_leaves_the_other_unchanged(m
     model loops ("eighteen, eighteen, ...") and a near-tie there can flip with the batch it shares
     (libllama's kernels are not batch-invariant). Lost or foreign KV changes the very next token.
     tests/unit/test_kvpool.py checks the same bit for bit at the libllama level."""
-    daemon: Daemon = make_daemon(profile=UNIFIED).start()
+    daemon: Daemon = make_daemon(model=gemma_path, profile=UNIFIED).start()
     prompt = SYSTEM + " Then the keeper counted the lamps: one, two, three, four, five,"
     body = {"prompt": prompt, "max_tokens": 32, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
     reference = httpx.post(f"{daemon.url}/v1/completions", json=body, timeout=600).json()
@@ -211,13 +215,13 @@ def test_cancelling_a_sequence_that_shares_a_prefix_leaves_the_other_unchanged(m
     assert daemon.status()["kv_cache"]["blocks_used"] == 0
 
 
-def test_preempting_a_sequence_that_shares_a_prefix_leaves_the_other_unchanged(make_daemon) -> None:
+def test_preempting_a_sequence_that_shares_a_prefix_leaves_the_other_unchanged(make_daemon, gemma_path) -> None:
     # 12 blocks: the older request grows to 8, the younger to 11, and they share the prompt's first.
     tiny = {"inference": {"max_concurrent_sessions": 2, "max_seq_len": 384},
             "tensorrt_llm": {"kv_cache_max_tokens": 384, "tokens_per_block": 32,
                              "scheduler_policy": "max_utilization"},
             "llama_cpp": {"kv_unified": True}}
-    daemon: Daemon = make_daemon(profile=tiny).start()
+    daemon: Daemon = make_daemon(model=gemma_path, profile=tiny).start()
     prompt = ("The keeper counted the lamps on the stair, one by one: one, two, three, four, five, six, seven, "
               "eight, nine, ten,")
     body = {"prompt": prompt, "max_tokens": 200, "temperature": 0, "ignore_eos": True}
@@ -239,15 +243,15 @@ def test_preempting_a_sequence_that_shares_a_prefix_leaves_the_other_unchanged(m
     assert daemon.status()["kv_cache"]["blocks_used"] == 0
 
 
-def test_the_host_tier_keeps_evicted_kv_and_restores_it(make_daemon) -> None:
+def test_the_host_tier_keeps_evicted_kv_and_restores_it(make_daemon, gemma_path) -> None:
     """The host-RAM tier runs only where the KV is in GPU memory; a test hook lets it run here, with
     the same libllama save and restore calls, so that the round trip is checked on every CI run (the
     device run in docs/benchmarks.md checks it on a GPU)."""
     profile = {"inference": {"max_concurrent_sessions": 2, "max_seq_len": 2048},
                "tensorrt_llm": {"host_cache_size": 256 << 20}}
     env = {"FORGED_TEST_HOOKS": "1", "FORGED_TEST_HOST_TIER": "1"}
-    daemon: Daemon = make_daemon(profile=profile, env=env).start()
-    reference: Daemon = make_daemon(profile={**profile, "llama_cpp": {"prefix_cache": False}}).start()
+    daemon: Daemon = make_daemon(model=gemma_path, profile=profile, env=env).start()
+    reference: Daemon = make_daemon(model=gemma_path, profile={**profile, "llama_cpp": {"prefix_cache": False}}).start()
     documents = [f"Log book {i}. " + SYSTEM + " Tonight the wind turned north and the lamp burned" for i in range(3)]
     for doc in documents:  # the third needs a stream: the first one's KV goes to host RAM
         r = httpx.post(f"{daemon.url}/v1/completions", json={"prompt": doc, "max_tokens": 8}, timeout=600)

@@ -48,12 +48,12 @@ def test_gemma3_270m_sliding_window_from_hf_config() -> None:
     assert shape.context_bytes(20_000, 2) == 1024 * (3 * 20_000 + 15 * 512) == 69_304_320
 
 
-def test_gemma3_270m_from_the_real_gguf(model_path) -> None:
-    shape = shape_from_path(model_path)
+def test_gemma3_270m_from_the_real_gguf(gemma_path) -> None:
+    shape = shape_from_path(gemma_path)
     assert (shape.n_layers, shape.n_kv_heads, shape.head_dim_k, shape.head_dim_v) == (18, 1, 256, 256)
     assert (shape.sliding_window, shape.swa_layers, shape.trained_context) == (512, 15, 32768)
     assert shape.context_bytes(20_000, 2) == 69_304_320
-    assert shape.weights_bytes == model_path.stat().st_size
+    assert shape.weights_bytes == gemma_path.stat().st_size
 
 
 def test_gguf_metadata_pattern_table_and_explicit() -> None:

@@ -15,12 +15,16 @@ import numpy as np
 import pytest
 
 from forged.config import LlamaCppOptions, Profile
+from forged.engine.base import GenerationRequest, SamplingParams
 from forged.engine.llama_cpp.batch import StepBatch
 from forged.engine.llama_cpp.context import LlamaContext
 from forged.engine.llama_cpp.kvpool import KvPool, Slot, StreamPool, UnifiedPool
 from forged.engine.llama_cpp.model import LlamaModel
 from forged.engine.llama_cpp.prefix import PrefixIndex
+from forged.engine.llama_cpp.scheduler import Policy, Scheduler
+from forged.engine.llama_cpp.sequence import Sequence, choice_blocks
 from forged.engine.llama_cpp.sizing import KvSizing
+from forged.engine.llama_cpp.text import StopMatcher
 
 TPB = 16
 
@@ -244,10 +248,19 @@ def test_streams_continue_in_place_or_copy_a_shared_prefix(streams: Kv) -> None:
     assert pool.copies == 1
 
 
-def test_a_sliding_window_gone_is_not_reused(llama: LlamaModel) -> None:
+@pytest.fixture(scope="module")
+def swa_llama(gemma_path: Path) -> Iterator[LlamaModel]:
+    """Gemma 3 270M: a sliding-window model (the default SmolLM2 has no sliding window)."""
+    model = LlamaModel(gemma_path, n_gpu_layers=0)
+    yield model
+    model.free()
+
+
+def test_a_sliding_window_gone_is_not_reused(swa_llama: LlamaModel) -> None:
+    llama = swa_llama
     window = int(llama.metadata.get(f"{llama.metadata['general.architecture']}.attention.sliding_window", 0))
     if not window:
-        pytest.fail("this test needs a sliding-window model (the default Gemma 3 270M has a 512-token window)")
+        pytest.fail("this test needs a sliding-window model (Gemma 3 270M has a 512-token window)")
     # One sequence id: libllama's SWA cache then holds window + one ubatch of cells, so a longer
     # sequence overwrites its oldest sliding-window cells.
     kv = Kv(llama, unified=True, blocks=128, seqs=1)
@@ -306,5 +319,65 @@ def test_a_sharer_leaving_and_being_evicted_leaves_the_holders_kv_alone(llama: L
     steps = list(zip(run(False), run(True), strict=True))
     drifts = [top_logprob_drift(shared, alone) for alone, shared in steps]
     # Measured: 0 while the sharer is there, up to ~0.4 after it went (the holder's next cells then
-    # reuse the freed ones, out of position order); a holder that lost its prompt's KV: ~8.
-    assert max(drifts) < 1.0 < 4.0 < top_logprob_drift(lost, steps[-1][0]), drifts
+    # reuse the freed ones, out of position order); a holder that lost its prompt's KV: ~8 with
+    # Gemma 3 270M, ~1.7 with SmolLM2-135M (the default since issue 16).
+    assert max(drifts) < 0.5 < 1.0 < top_logprob_drift(lost, steps[-1][0]), drifts
+
+
+@pytest.mark.parametrize("layout", ["unified", "streams"])
+def test_a_fork_holds_its_parents_kv_and_the_pool_counts_what_admission_reserved(llama: LlamaModel,
+                                                                                 layout: str) -> None:
+    """n choices: after the prompt's prefill the parent's slot is forked. The fork sees the same KV
+    (its next token's logits are the parent's, not those of a sequence without the prompt), and the
+    pool's block counts are what admission reserved for the two (sequence.choice_blocks)."""
+    unified = layout == "unified"
+    kv = Kv(llama, unified=unified, blocks=24 if unified else 4 * 16, seqs=4)
+    try:
+        pool = kv.pool
+        prompt = tokens(llama, "The keeper climbed the stair to light the lamp. ", 40)  # 2 blocks + 8
+        placed = pool.start(prompt, len(prompt) + 1)
+        assert placed is not None
+        kv.feed(placed.slot, prompt)
+        copies = getattr(pool, "copies", 0)
+        child = pool.fork(placed.slot, len(prompt) + 1)
+        assert child is not None and child is not placed.slot and child.busy and child.tokens == prompt
+        assert pool.used_blocks() == choice_blocks(len(prompt), len(prompt) + 1, 2, TPB, unified)
+        if unified:
+            assert all(block.holders == {placed.slot, child} for block in placed.slot.path)
+        else:
+            assert pool.copies == copies + 1
+        nxt = tokens(llama, " Then", 1)
+        parent_next, child_next = kv.feed(placed.slot, nxt), kv.feed(child, nxt)
+        assert kv.held(child) == (0, len(prompt))
+        assert top_logprob_drift(child_next, parent_next) < 0.05
+        assert top_logprob_drift(without_prefix(llama, nxt), parent_next) > 1.0
+        pool.release(child)
+        pool.release(placed.slot)
+        assert pool.used_blocks() == 0
+    finally:
+        kv.free()
+
+
+def test_a_request_of_n_choices_keeps_its_forks_room_until_it_forks(streams: Kv) -> None:
+    """Four streams: a request of three choices starts on one and holds two more for its forks, so
+    a request of two choices waits, and one of a single choice still starts."""
+    pool = streams.pool
+    policy = Policy(scheduler_policy="max_utilization", paged=True, chunked=True, max_num_tokens=128,
+                    idle_max_num_tokens=256, context=16 * TPB)
+    scheduler = Scheduler(pool, policy, on_preempted=lambda s: None, on_unplaceable=lambda s: None)
+
+    def seq(name: str, n: int, arrival: int) -> Sequence:
+        request = GenerationRequest(name, tokens(streams.llama, f"Request {name}. ", 20),
+                                    SamplingParams(max_tokens=8), n=n)
+        return Sequence(request=request, events=None, arrival=arrival, sampler=None,  # type: ignore[arg-type]
+                        stop=StopMatcher(()), forks=n - 1)
+
+    wide, pair, single = seq("wide", 3, 1), seq("pair", 2, 2), seq("single", 1, 3)
+    for s in (wide, pair):
+        scheduler.add(s)
+    assert scheduler.start_waiting() == [wide]
+    assert scheduler.reserved_for_forks()[1] == 2 and pool.free_slots() == 3
+    assert scheduler.waiting_slots() == 2 + 2  # the pair's two, and the wide request's forks
+    scheduler.waiting.remove(pair)  # it holds the line (FCFS) until then; without it a single starts
+    scheduler.add(single)
+    assert scheduler.start_waiting() == [single]

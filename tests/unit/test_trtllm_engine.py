@@ -18,7 +18,14 @@ from typing import Any
 import pytest
 
 from forged import config
-from forged.engine.base import EngineHooks, GenerationRequest, RequestRejected, SamplingParams, TokenEvent
+from forged.engine.base import (
+    EngineHooks,
+    GenerationRequest,
+    OutputConstraint,
+    RequestRejected,
+    SamplingParams,
+    TokenEvent,
+)
 from forged.engine.trtllm import TrtLlmEngine
 from forged.hardware import HardwareInfo
 
@@ -62,8 +69,8 @@ class Run:
     def submit(self, prompt: str, queue: asyncio.Queue[TokenEvent], request_id: str = "r1",
                **sampling: Any) -> GenerationRequest:
         sampling.setdefault("max_tokens", 100)
-        request = GenerationRequest(request_id, self.engine.tokenize_prompt(prompt),
-                                    SamplingParams(temperature=0, **sampling))
+        sampling.setdefault("temperature", 0)
+        request = GenerationRequest(request_id, self.engine.tokenize_prompt(prompt), SamplingParams(**sampling))
         self.engine.validate(request)
         self.engine.submit(request, queue)
         return request
@@ -243,7 +250,7 @@ def test_validate_refuses_what_tensorrt_llm_cannot_run(fake: Any) -> None:
     def request(prompt_tokens: int, max_tokens: int) -> GenerationRequest:
         return GenerationRequest("x", [5] * prompt_tokens, SamplingParams(max_tokens=max_tokens))
 
-    with pytest.raises(RequestRejected, match="context is 4096 tokens"):
+    with pytest.raises(RequestRejected, match="maximum context length is 4096 tokens"):
         engine.validate(request(4096, 1))
     with pytest.raises(RequestRejected, match=r"more than max_num_tokens \(256\).*chunked context off"):
         engine.validate(request(300, 1))
@@ -293,3 +300,40 @@ def test_version_1_0_reads_the_block_size_back(fake: Any, monkeypatch: pytest.Mo
     with caplog.at_level(logging.WARNING, logger="forged.engine.trtllm"):
         run(engine, body)
     assert any("runs 64 tokens per KV block, not the profile's 32" in m for m in caplog.messages)
+
+
+def test_structured_output_and_penalties_map_to_sampling_params(fake: Any) -> None:
+    engine = loaded_engine()
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+
+    async def body(r: Run) -> None:
+        await r.events("Hello", max_tokens=3, constraint=OutputConstraint(schema=schema), presence_penalty=0.5,
+                       repeat_penalty=1.2)
+        await r.events("Hello", max_tokens=3, constraint=OutputConstraint())
+        await r.events("Hello", max_tokens=3, temperature=0.7, min_p=0.1, frequency_penalty=-1.0)
+
+    run(engine, body)
+    generated = [e for e in fake._fake.EVENTS if e["event"] == "generate"][-3:]
+    assert generated[0] == {"event": "generate", "guided_decoding": {"json": schema}, "presence_penalty": 0.5,
+                            "repetition_penalty": 1.2}
+    assert generated[1] == {"event": "generate", "guided_decoding": {"json_object": True}}
+    assert generated[2] == {"event": "generate", "guided_decoding": None, "frequency_penalty": -1.0, "min_p": 0.1}
+    # What TensorRT-LLM's API cannot take from forged yet is refused, naming it.
+    for sampling, named in (({"logprobs": 2}, "logprobs"), ({"logit_bias": ((5, 1.0),)}, "logit_bias"),
+                            ({"constraint": OutputConstraint(schema=schema, before="<tool_call>")}, "tool-call")):
+        with pytest.raises(RequestRejected, match=named):
+            engine.validate(GenerationRequest("x", [1, 2, 3], SamplingParams(max_tokens=4, **sampling)))
+    with pytest.raises(RequestRejected, match="n: 3"):
+        engine.validate(GenerationRequest("x", [1, 2, 3], SamplingParams(max_tokens=4), n=3))
+    engine._shutdown_llm()
+
+
+def test_without_a_guided_decoding_backend_constraints_are_refused(fake: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = loaded_engine()
+    assert engine.translation is not None
+    monkeypatch.delitem(engine.translation.kwargs, "guided_decoding_backend")
+    with pytest.raises(RequestRejected, match="guided_decoding_backend"):
+        engine.validate(GenerationRequest("x", [1, 2, 3], SamplingParams(max_tokens=4,
+                                                                          constraint=OutputConstraint())))
+    engine._shutdown_llm()

@@ -85,6 +85,7 @@ def expected(profile: str, version: str, model: str) -> dict[str, Any]:
     kv["enable_block_reuse"] = True
     return {"model": model, "enable_chunked_prefill": True, "max_num_tokens": seed["mnt"],
             "max_batch_size": seed["sessions"], "max_seq_len": 32768, "enable_iter_perf_stats": True,
+            "guided_decoding_backend": "xgrammar",  # response_format and forced tool calls
             "kv_cache_config": kv,
             "scheduler_config": {"capacity_scheduler_policy": seed["policy"],
                                  "context_chunking_policy": "FIRST_COME_FIRST_SERVED"}}

@@ -16,6 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import llama_cpp as ll
+
 from forged.config import Profile
 from forged.engine.base import (
     Engine,
@@ -29,6 +31,7 @@ from forged.engine.base import (
     Rate,
     RequestRejected,
     TokenEvent,
+    context_overflow,
 )
 from forged.engine.kv import KvShape, shape_from_metadata
 from forged.engine.llama_cpp import backends
@@ -36,11 +39,12 @@ from forged.engine.llama_cpp.batch import StepBatch
 from forged.engine.llama_cpp.calls import StepCalls
 from forged.engine.llama_cpp.context import KV_DTYPE_TO_GGML, LlamaContext
 from forged.engine.llama_cpp.faults import FaultInjector
+from forged.engine.llama_cpp.grammar import to_gbnf, unsupported_features
 from forged.engine.llama_cpp.hostcache import HostCache
-from forged.engine.llama_cpp.kvpool import KvPool, StreamPool, UnifiedPool, blocks_for
+from forged.engine.llama_cpp.kvpool import KvPool, StreamPool, UnifiedPool
 from forged.engine.llama_cpp.model import LlamaModel
 from forged.engine.llama_cpp.scheduler import Policy
-from forged.engine.llama_cpp.sequence import reserve_tokens
+from forged.engine.llama_cpp.sequence import choice_blocks, reserve_tokens
 from forged.engine.llama_cpp.sizing import KvSizing, size_kv_cache
 from forged.engine.llama_cpp.warmup import warm_up
 from forged.engine.llama_cpp.worker import StepLoop
@@ -114,6 +118,9 @@ class LlamaCppEngine(Engine):
                                metadata={k: v for k, v in model.metadata.items()
                                          if k.startswith("general.") or k.endswith("context_length")})
         self.max_sessions = kv.sessions
+        # n choices run as n sequences at once (forked after the prompt's prefill), and a request
+        # never gets more sequences than the profile has sessions.
+        self.max_choices = kv.sessions
         self._prefill_rate, self._decode_rate = warm_up(model, context, batch, levers.max_num_tokens, context_length)
         pool = self._make_pool(kv, context)
         policy = Policy(scheduler_policy=levers.scheduler_policy, paged=levers.use_paged_kv_cache,
@@ -170,9 +177,16 @@ class LlamaCppEngine(Engine):
         assert self._llama is not None
         return self._llama.tokenize(text, add_special=add_special, parse_special=parse_special)
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         assert self._llama is not None
-        return self._llama.render_chat(messages)
+        return self._llama.render_chat(messages, tools)
+
+    def chat_template_source(self) -> str:
+        assert self._llama is not None
+        return self._llama.chat_template_text
+
+    def schema_problems(self, schema: Any) -> list[str]:
+        return unsupported_features(schema)
 
     @property
     def add_bos(self) -> bool:
@@ -187,17 +201,34 @@ class LlamaCppEngine(Engine):
         context = self.model.context_length
         if prompt == 0:
             raise RequestRejected("the prompt is empty")
-        if prompt >= context:
-            raise RequestRejected(f"the prompt has {prompt} tokens, but this model's context is {context} "
-                                  f"tokens", "context_length_exceeded")
-        if prompt + request.sampling.max_tokens > context:
-            raise RequestRejected(f"the prompt has {prompt} tokens and max_tokens is "
-                                  f"{request.sampling.max_tokens}, {prompt + request.sampling.max_tokens} in "
-                                  f"all, but this model's context is {context} tokens", "context_length_exceeded")
+        if prompt >= context or prompt + request.sampling.max_tokens > context:
+            raise context_overflow(prompt, request.sampling.max_tokens, context)
         assert self._llama is not None
-        bad = next((t for t in request.prompt_tokens if not 0 <= t < self._llama.n_vocab), None)
+        n_vocab = self._llama.n_vocab
+        bad = next((t for t in request.prompt_tokens if not 0 <= t < n_vocab), None)
         if bad is not None:
-            raise RequestRejected(f"token id {bad} is not in this model's vocabulary (0..{self._llama.n_vocab - 1})")
+            raise RequestRejected(f"token id {bad} is not in this model's vocabulary (0..{n_vocab - 1})")
+        if request.n > self.max_choices:
+            raise RequestRejected(f"n is {request.n}, but this profile runs at most {self.max_choices} sequences "
+                                  f"at once (max_concurrent_sessions), and the llama_cpp engine runs a request's "
+                                  f"choices together", param="n")
+        if request.n > 1 and self._loop is not None and not isinstance(self._loop.pool, StreamPool) \
+                and self._units(request) > self._loop.pool.total_blocks:
+            raise RequestRejected(f"{request.n} choices of this request need {self._units(request)} KV blocks, "
+                                  f"more than the cache's {self._loop.pool.total_blocks}; ask for fewer choices or "
+                                  f"a lower max_tokens", param="n")
+        sp = request.sampling
+        bad = next((t for t, _ in sp.logit_bias if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise RequestRejected(f"logit_bias names token id {bad}, which is not in this model's vocabulary "
+                                  f"(0..{n_vocab - 1})", param="logit_bias")
+        if sp.constraint is not None:
+            # Compiled here, on the tokenizer pool, so that a grammar libllama cannot parse is a 400; the
+            # step thread compiles it again for each choice's sampler.
+            grammar = ll.llama_sampler_init_grammar(self._llama.vocab, to_gbnf(sp.constraint).encode(), b"root")
+            if not grammar:
+                raise RequestRejected("libllama could not parse the grammar made for this request")
+            ll.llama_sampler_free(grammar)
         if not self.levers.enable_chunked_context and prompt > self.levers.max_num_tokens:
             raise RequestRejected(f"the prompt has {prompt} tokens, more than max_num_tokens "
                                   f"({self.levers.max_num_tokens}), and this profile has chunked context off")
@@ -214,14 +245,16 @@ class LlamaCppEngine(Engine):
         return figures.waiting == 0 and room >= self._units(request)
 
     def _units(self, request: GenerationRequest) -> int:
-        """What admission counts a request in: KV blocks in the unified pool, one stream otherwise."""
+        """What admission counts a request in: KV blocks in the unified pool (all its choices'), one
+        stream per choice otherwise."""
         assert self._loop is not None
-        if isinstance(self._loop.pool, StreamPool):
-            return 1
+        pool = self._loop.pool
+        if isinstance(pool, StreamPool):
+            return request.n
         prompt = len(request.prompt_tokens)
         tokens = reserve_tokens(prompt, prompt, request.sampling.max_tokens, self.levers.scheduler_policy,
                                 self.levers.use_paged_kv_cache, self.model.context_length)
-        return blocks_for(tokens, self.levers.tokens_per_block)
+        return choice_blocks(prompt, tokens, request.n, pool.tpb, pool.caching)
 
     def submit(self, request: GenerationRequest, events: asyncio.Queue[TokenEvent]) -> None:
         assert self._loop is not None
@@ -257,6 +290,7 @@ class LlamaCppEngine(Engine):
             prefix_cache_queries=f.prefix_queries,
             prefix_cache_hits=f.prefix_hits,
             prefix_cache_detail=f.cache_detail,
+            prefilled_tokens=loop.prefilled_total,
         )
 
     def progress(self) -> Progress:

@@ -15,6 +15,7 @@ from forged.engine.base import Fault
 
 if TYPE_CHECKING:
     from forged.engine.llama_cpp.calls import StepCalls
+    from forged.engine.llama_cpp.sampling import Sampled
     from forged.engine.llama_cpp.scheduler import Slice
     from forged.engine.llama_cpp.sequence import Sequence
 
@@ -73,7 +74,7 @@ class FaultInjector:
             self._calls.decode(ctx, batch, plan)  # the worst case: every ubatch was written, then it failed
         return status
 
-    def sample(self, ctx: Any, seq: Sequence, idx: int) -> int:
+    def sample(self, ctx: Any, seq: Sequence, idx: int) -> Sampled:
         with self._lock:
             fires = self._sample is not None and self._sample.hits(seq)
             if fires:

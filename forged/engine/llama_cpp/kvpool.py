@@ -19,6 +19,10 @@ Two layouts, as the profile's `llama_cpp.kv_unified` says:
 
 Every hit is exact: the prefix index matches whole blocks by their tokens, and a slot's unindexed
 tail is compared token by token.
+
+A request with several choices (`n`) prefills its prompt once and then `fork`s its slot: each other
+choice gets a slot of its own holding the same KV (unified: the cells get one more tag; streams: the
+whole stream is copied inside libllama at the next decode, as for a shared prefix).
 """
 
 from __future__ import annotations
@@ -191,9 +195,38 @@ class KvPool(abc.ABC):
         """Make a busy slot own blocks for `tokens` tokens, evicting cached blocks if needed (growth
         under max_utilization). False when even that is not enough."""
 
-    def fits(self, blocks: int) -> bool:
-        """Whether `blocks` more blocks could be had now, evicting cached ones (an estimate)."""
-        return blocks <= self.free_blocks() + self.cached_blocks()
+    def fits(self, blocks: int, sequences: int = 1) -> bool:
+        """Whether `blocks` more blocks and `sequences` more slots could be had now, evicting cached
+        ones (an estimate)."""
+        return blocks <= self.free_blocks() + self.cached_blocks() and sequences <= self.free_slots()
+
+    def free_slots(self) -> int:
+        """Slots no running sequence writes to (idle ones give up their cache when taken)."""
+        return sum(1 for s in self.slots if not s.busy)
+
+    def fork(self, parent: Slot, reserve_tokens: int) -> Slot | None:
+        """A busy slot holding everything `parent` holds (another choice of the same request, after
+        its prefill), with blocks for `reserve_tokens` tokens in all. None when the pool has no slot
+        or blocks for it now."""
+        slot = self._fork_slot(keep=parent)
+        if slot is None:
+            return None
+        self.memory.seq_cp(parent.seq_id, slot.seq_id, -1, -1)
+        slot.tokens = list(parent.tokens)
+        for block in parent.path:
+            self._hold(slot, block)
+        slot.indexable = parent.indexable
+        self._set_busy(slot, True)
+        self._settle(slot)
+        slot.last_used = self._touch()
+        if not self.ensure(slot, reserve_tokens):
+            self.release(slot)
+            return None
+        return slot
+
+    @abc.abstractmethod
+    def _fork_slot(self, keep: Slot) -> Slot | None:
+        """An empty slot for a fork, made so if need be by dropping an idle one other than `keep`."""
 
     def commit(self, slot: Slot, tokens: Sequence[int]) -> None:
         """Record tokens whose KV a decode just wrote at the end of a busy slot; index the blocks
@@ -380,6 +413,9 @@ class UnifiedPool(KvPool):
         else:
             self._trim(slot, (len(slot.path) - (blocks - own_private)) * self.tpb)
 
+    def _fork_slot(self, keep: Slot) -> Slot | None:
+        return self._empty_slot() or self._free_a_slot(keep=keep)
+
     def _free_a_slot(self, keep: Slot | None) -> Slot | None:
         """Every sequence id is taken: drop the least recently used idle holder."""
         victim = self._lru_idle(exclude=lambda s: s is keep)
@@ -453,8 +489,15 @@ class StreamPool(KvPool):
     def cached_blocks(self) -> int:
         return sum(blocks_for(len(s.tokens), self.tpb) for s in self.slots if not s.busy)
 
-    def fits(self, blocks: int) -> bool:
-        return any(not s.busy for s in self.slots)
+    def fits(self, blocks: int, sequences: int = 1) -> bool:
+        return sequences <= self.free_slots()
+
+    def _fork_slot(self, keep: Slot) -> Slot | None:
+        # libllama copies the parent's whole stream into this one at the next decode.
+        slot = self._free_stream(keep=keep)
+        if slot is not None:
+            self.copies += 1
+        return slot
 
     def start(self, prompt: Sequence[int], reserve_tokens: int) -> Placement | None:
         hit = self.find(prompt)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import jinja2
 import jinja2.sandbox
 import llama_cpp as ll
+import markupsafe
 
 from forged.engine.base import EngineError, RequestRejected
 from forged.engine.llama_cpp.backends import LOAD_LOG
@@ -120,6 +122,7 @@ class LlamaModel:
 
     def _compile_template(self) -> jinja2.Template | None:
         source = ll.llama_model_chat_template(self.ptr, None)
+        self.chat_template_text = ""
         if not source:
             self.builtin_template = _builtin_template_for(self.metadata.get("general.architecture", ""))
             self.chat_template_source = f"libllama built-in '{self.builtin_template}' (the GGUF has none)"
@@ -128,22 +131,27 @@ class LlamaModel:
             return None
         self.builtin_template = None
         self.chat_template_source = "GGUF metadata tokenizer.chat_template"
+        self.chat_template_text = source.decode("utf-8", "replace")
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_template_error
+        env.filters["tojson"] = _tojson  # Hugging Face's: unicode kept, keys in order (tool definitions)
         try:
-            return env.from_string(source.decode("utf-8", "replace"))
+            return env.from_string(self.chat_template_text)
         except jinja2.TemplateError as exc:
             raise EngineError(f"{self.path}: the chat template in its metadata does not compile: {exc}") from None
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         if self._template is None:
+            if tools:
+                raise RequestRejected(f"the {self.builtin_template} chat template takes no tools")
             return self._render_builtin(messages)
         bos = self.token_text(ll.llama_vocab_bos(self.vocab)) if self.add_bos else ""
         eos = self.token_text(ll.llama_vocab_eos(self.vocab))
+        extra = {"tools": tools} if tools else {}
         try:
             return self._template.render(messages=messages, add_generation_prompt=True,
-                                         bos_token=bos, eos_token=eos)
-        except jinja2.TemplateError as exc:
+                                         bos_token=bos, eos_token=eos, **extra)
+        except (jinja2.TemplateError, TypeError) as exc:  # TypeError: e.g. None + str for a missing content
             raise RequestRejected(f"the model's chat template refused these messages: {exc}") from None
 
     def _render_builtin(self, messages: list[dict[str, Any]]) -> str:
@@ -181,6 +189,12 @@ def _builtin_template_for(architecture: str) -> str:
 
 def _raise_template_error(message: str) -> None:
     raise jinja2.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> markupsafe.Markup:
+    return markupsafe.Markup(json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                                        sort_keys=sort_keys))
 
 
 def read_metadata(model: Any, skip_prefix: str | None = None) -> dict[str, str]:

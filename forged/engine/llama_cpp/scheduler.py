@@ -14,6 +14,10 @@ Before a step runs, every sequence in it must own KV blocks for what it writes. 
 guaranteed_no_evict the reservation made at its start covers it; under max_utilization blocks are
 taken as needed, cached blocks evicted first, and when that is not enough the youngest running
 sequence is preempted: its KV stays behind as cache, and it waits at the head of the line to resume.
+
+A request of n choices starts as one sequence that forks the others once its prompt is prefilled
+(sequence.py). It starts only when the pool has room for all n, and until it forks, what its forks
+will need stays reserved: no later sequence starts on it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from forged.engine.llama_cpp.kvpool import KvPool, blocks_for
-from forged.engine.llama_cpp.sequence import Sequence
+from forged.engine.llama_cpp.sequence import Sequence, choice_blocks
 
 
 class Schedulable(Protocol):
@@ -131,7 +135,18 @@ class Scheduler:
         return seq.reserve_tokens(p.scheduler_policy, p.paged, p.context)
 
     def blocks_to_start(self, seq: Sequence) -> int:
-        return blocks_for(self.reserve_tokens(seq), self.pool.tpb)
+        """Its own reservation, and its forks' (sequence.choice_blocks)."""
+        return choice_blocks(len(seq.request.prompt_tokens), self.reserve_tokens(seq), seq.width, self.pool.tpb,
+                             self.pool.shares_cells and self.pool.caching)
+
+    def reserved_for_forks(self) -> tuple[int, int]:
+        """(blocks, slots) that running sequences' forks-to-be will take: kept from later starts."""
+        blocks = slots = 0
+        for seq in self.running:
+            if seq.forks:
+                blocks += self.blocks_to_start(seq) - blocks_for(self.reserve_tokens(seq), self.pool.tpb)
+                slots += seq.forks
+        return blocks, slots
 
     def start_waiting(self) -> list[Sequence]:
         """Start waiting sequences, oldest first, while the pool can place them. A head that does not
@@ -140,7 +155,8 @@ class Scheduler:
         while self.waiting:
             seq = self.waiting[0]
             placement = None
-            if self.pool.fits(self.blocks_to_start(seq)):
+            held_blocks, held_slots = self.reserved_for_forks()
+            if self.pool.fits(self.blocks_to_start(seq) + held_blocks, seq.width + held_slots):
                 placement = self.pool.start(seq.to_prefill, self.reserve_tokens(seq))
             if placement is None:
                 if not self.running and not started:
@@ -197,4 +213,9 @@ class Scheduler:
         return sum(s.prefill_remaining for s in self.running) + sum(len(s.to_prefill) for s in self.waiting)
 
     def waiting_blocks(self) -> int:
-        return sum(self.blocks_to_start(s) for s in self.waiting)
+        """Blocks the waiting sequences will take when they start, and the running ones' forks."""
+        return sum(self.blocks_to_start(s) for s in self.waiting) + self.reserved_for_forks()[0]
+
+    def waiting_slots(self) -> int:
+        """Slots the waiting sequences will take when they start, and the running ones' forks."""
+        return sum(s.width for s in self.waiting) + self.reserved_for_forks()[1]

@@ -1,14 +1,23 @@
-"""One running generation inside the embedded engine: its tokens, its KV slot and its output state."""
+"""One running generation inside the embedded engine: its tokens, its KV slot and its output state.
+
+A request with n choices (OpenAI's `n`) is n sequences that share its request, event queue and
+arrival. It starts as one, its choice 0, carrying `forks = n - 1`; when that one's prompt is
+prefilled the step loop forks it (`KvPool.fork`): each other choice gets a slot holding the same
+prompt KV and its own sampler, and samples its first token from the same logits row.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from forged.engine.base import GenerationRequest, TokenEvent
-from forged.engine.llama_cpp.kvpool import Slot
+from forged.engine.llama_cpp.kvpool import Slot, blocks_for
 from forged.engine.llama_cpp.text import StopMatcher, StreamDecoder
+
+if TYPE_CHECKING:
+    from forged.engine.llama_cpp.sampling import Sampler  # libllama: imported by the step loop only
 
 
 @dataclass(eq=False)
@@ -16,8 +25,10 @@ class Sequence:
     request: GenerationRequest
     events: asyncio.Queue[TokenEvent]
     arrival: int  # order of arrival in the engine; smaller is older
-    sampler: Any  # libllama sampler chain; None for greedy
+    sampler: Sampler | None  # None: a plain greedy argmax (calls.StepCalls.sample)
     stop: StopMatcher
+    index: int = 0  # which choice of its request (TokenEvent.index)
+    forks: int = 0  # choices still to fork from this one once its prompt is prefilled
     decoder: StreamDecoder = field(default_factory=StreamDecoder)
     generated: list[int] = field(default_factory=list)
     # Tokens to feed before decoding: the prompt, or after a preemption the prompt and everything
@@ -42,8 +53,9 @@ class Sequence:
         return self.request.request_id
 
     @property
-    def greedy(self) -> bool:
-        return self.request.sampling.temperature <= 0
+    def width(self) -> int:
+        """The sequences it needs at once: itself and the choices it will fork."""
+        return 1 + self.forks
 
     @property
     def n_past(self) -> int:
@@ -79,3 +91,12 @@ def reserve_tokens(prompt: int, to_prefill: int, max_tokens: int, policy: str, p
     if policy == "guaranteed_no_evict":
         return prompt + max_tokens
     return to_prefill + 1
+
+
+def choice_blocks(prompt: int, reserve: int, n: int, tokens_per_block: int, shares_prompt: bool) -> int:
+    """The blocks a request of n choices reserves: the first choice's whole reservation, and each
+    other choice's less the prompt's whole blocks, when the pool shares those cells between them
+    (unified pool with the prefix cache on: the forks hold the first choice's indexed blocks)."""
+    own = blocks_for(reserve, tokens_per_block)
+    shared = prompt // tokens_per_block if shares_prompt else 0
+    return own + (n - 1) * max(own - shared, 0)

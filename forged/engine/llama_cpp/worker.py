@@ -4,6 +4,15 @@ The event loop only posts commands (submit, cancel, stop) and reads `figures`, a
 replaces after every pass. Each pass takes the commands, starts what the scheduler can place, runs
 one step (`llama_decode` over one batch), commits the new KV to the pool, samples, and hands each
 request its `TokenEvent` through `loop.call_soon_threadsafe`.
+
+Each sequence samples with its own `sampling.Sampler` (libllama's chain, a grammar, logprobs), made
+when it arrives. A request of n choices forks here, in the step that completes its prompt: before
+anything is sampled from that logits row, the other n - 1 choices get a slot with the prompt's KV
+(`KvPool.fork`) and a sampler of their own (seeded seed + index when the request has a seed), and
+all n sample their first token from it. A fork the pool cannot place at that moment (under
+max_utilization the running sequences may have grown into what was reserved for it) waits at the
+head of the line and prefills its prompt itself, mostly from the prefix cache. An error or a
+cancellation of one choice ends them all: the request has one answer.
 """
 
 from __future__ import annotations
@@ -15,18 +24,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-import llama_cpp as ll
-
-from forged.engine.base import EngineHooks, GenerationRequest, Rate, TokenEvent
+from forged.engine.base import EngineHooks, GenerationRequest, Rate, TokenEvent, TokenLogprob
 from forged.engine.llama_cpp.batch import StepBatch
 from forged.engine.llama_cpp.calls import StepCalls
 from forged.engine.llama_cpp.context import LlamaContext
 from forged.engine.llama_cpp.faults import FaultInjector
 from forged.engine.llama_cpp.kvpool import KvPool, StreamPool
 from forged.engine.llama_cpp.model import LlamaModel
+from forged.engine.llama_cpp.sampling import Sampled, Sampler, build_sampler
 from forged.engine.llama_cpp.scheduler import Policy, Scheduler, Slice
 from forged.engine.llama_cpp.sequence import Sequence
 from forged.engine.llama_cpp.text import StopMatcher
@@ -73,7 +81,7 @@ class StepLoop:
         self._hooks = EngineHooks()
         self._stopping = False
         self._freed = False  # a sequence ended since the last pass: tell admission after publishing
-        self._prefilled_total = 0
+        self.prefilled_total = 0  # prompt tokens computed (prefilled) since start; read by stats()
         # Admission units (blocks or streams) posted by submit() on the event loop and taken up here:
         # one writer each, so their difference is what the command queue still holds.
         self.units_posted = 0
@@ -165,16 +173,37 @@ class StepLoop:
 
     def _add(self, request: GenerationRequest, events: asyncio.Queue[TokenEvent]) -> None:
         self.arrivals += 1
-        seq = Sequence(request=request, events=events, arrival=self.arrivals, sampler=_make_sampler(request),
-                       stop=StopMatcher(request.sampling.stop))
+        try:
+            sampler = self._make_sampler(request, 0)
+        except Exception as exc:  # validate() compiled its grammar already: not expected, but one request's
+            log.exception("could not make the sampler for request %s", request.request_id)
+            self._deliver([(events, TokenEvent("", finish_reason="error", error=f"sampler: {exc}"))])
+            self._freed = True  # its admission units were counted taken: tell admission they are not
+            return
+        seq = Sequence(request=request, events=events, arrival=self.arrivals, sampler=sampler,
+                       stop=StopMatcher(request.sampling.stop), forks=request.n - 1)
         if not (self.scheduler.running or self.scheduler.waiting):
             self.last_step = time.monotonic()  # the stall clock starts when work does
         self.scheduler.add(seq)
 
+    def _make_sampler(self, request: GenerationRequest, index: int) -> Sampler | None:
+        """Choice `index`'s sampler: the request's, its seed moved by the index (n choices of one
+        seeded request differ, and the same request gives the same n answers)."""
+        sampling = request.sampling
+        if index and sampling.seed is not None:
+            sampling = replace(sampling, seed=sampling.seed + index)
+        return build_sampler(self.llama, sampling)
+
     def _cancel(self, request_id: str) -> None:
-        seq = self.scheduler.remove(request_id)
-        if seq is not None:
-            self._end(seq, TokenEvent("", finish_reason="cancelled"))
+        self._end_request(request_id, TokenEvent("", finish_reason="cancelled"))
+
+    def _end_request(self, request_id: str, event: TokenEvent | None) -> None:
+        """Take every sequence (choice) of a request out, and deliver `event` once, if given."""
+        while (seq := self.scheduler.remove(request_id)) is not None:
+            _free_sampler(seq)
+            if event is not None:
+                self._deliver([(seq.events, event)])
+                event = None
             self._freed = True
 
     def _step(self) -> bool:
@@ -216,23 +245,65 @@ class StepLoop:
         if n_decode and not n_prefill:
             self.decode_rate.add(n_decode, finished - started)
         deliveries: list[tuple[asyncio.Queue[TokenEvent], TokenEvent]] = []
+        failed: set[str] = set()
         for seq, idx in sample_at:
+            choices = [seq]
             try:
-                event = self._sample(seq, idx)
-            except Exception as exc:  # a fault in one request's sampling ends that request alone
-                log.exception("sampling failed for request %s", seq.request_id)
-                event = TokenEvent("", finish_reason="error", error=f"sampling failed: {exc}")
-            if event.finish_reason is not None:
-                self.scheduler.finish(seq)
-                _free_sampler(seq)
-                self._freed = True
-            deliveries.append((seq.events, event))
+                if seq.forks:
+                    choices += self._fork(seq)
+            except Exception as exc:  # a fork's sampler: not expected, ends the request as a sampling fault
+                log.exception("forking the choices of request %s failed", seq.request_id)
+                choices = []
+                event = TokenEvent("", finish_reason="error", error=f"forking its choices failed: {exc}",
+                                   index=seq.index)
+                deliveries.append((seq.events, event))
+                failed.add(seq.request_id)
+            for choice in choices:
+                if choice.request_id in failed:
+                    break
+                try:
+                    event = self._sample(choice, idx)
+                except Exception as exc:  # a fault in one request's sampling ends that request alone
+                    log.exception("sampling failed for request %s", choice.request_id)
+                    event = TokenEvent("", finish_reason="error", error=f"sampling failed: {exc}",
+                                       index=choice.index)
+                    failed.add(choice.request_id)
+                if event.finish_reason is not None:
+                    self.scheduler.finish(choice)
+                    _free_sampler(choice)
+                    self._freed = True
+                deliveries.append((choice.events, event))
+        for request_id in failed:
+            self._end_request(request_id, None)  # its other choices: the request has one answer
         self._deliver(deliveries)
         if log.isEnabledFor(logging.DEBUG):  # logging.level: debug: where a step's time goes
             log.debug("step %d: %d decodes, %d prefill tokens, %d sequences; plan %.1f ms, decode %.1f ms, "
                       "sample and deliver %.1f ms", self.steps, n_decode, n_prefill, len(plan),
                       1000 * (started - planning), 1000 * (finished - started), 1000 * (time.monotonic() - finished))
         return True
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """The other choices of a request whose prompt `parent` just prefilled: each with a slot
+        holding the prompt's KV, placed running; the ones the pool cannot place now wait, first in
+        line, to prefill the prompt themselves (found cached, mostly)."""
+        assert parent.slot is not None
+        forked: list[Sequence] = []
+        for index in range(parent.index + 1, parent.index + 1 + parent.forks):
+            child = Sequence(request=parent.request, events=parent.events, arrival=parent.arrival,
+                             sampler=self._make_sampler(parent.request, index),
+                             stop=StopMatcher(parent.request.sampling.stop), index=index,
+                             cached_tokens=parent.cached_tokens)
+            child.slot = self.pool.fork(parent.slot, self.scheduler.reserve_tokens(child))
+            if child.slot is None:
+                log.info("request %s: no room to fork choice %d now; it prefills its prompt itself",
+                         parent.request_id, index)
+                self.scheduler.waiting.appendleft(child)
+                continue
+            child.prefilled = len(child.to_prefill)
+            self.scheduler.running.append(child)
+            forked.append(child)
+        parent.forks = 0
+        return forked
 
     def _commit(self, plan: list[Slice], started: float, finished: float, n_prefill: int) -> None:
         """Record what the step wrote in each sequence's slot and advance the sequences."""
@@ -245,7 +316,7 @@ class StepLoop:
                 continue
             self.pool.commit(seq.slot, seq.to_prefill[seq.prefilled: seq.prefilled + sl.n_tokens])
             if seq.prefill_started == 0.0:
-                seq.prefill_started, seq.prefill_mark = started, self._prefilled_total
+                seq.prefill_started, seq.prefill_mark = started, self.prefilled_total
             seq.prefilled += sl.n_tokens
             if seq.prefill_remaining == 0:
                 # Measured over a prompt's whole prefill, first chunk to last: the rate the prompts
@@ -253,27 +324,36 @@ class StepLoop:
                 # context. The tokens are every prompt's prefilled in that window, not this one's
                 # alone: prompts that share steps share the time. A prompt found almost all cached
                 # prefills a token or two, which says nothing about the rate.
-                done = self._prefilled_total + n_prefill - seq.prefill_mark
+                done = self.prefilled_total + n_prefill - seq.prefill_mark
                 if done >= min(self.scheduler.policy.max_num_tokens, 256):
                     self.prefill_rate.add(done, finished - seq.prefill_started)
-        self._prefilled_total += n_prefill
+        self.prefilled_total += n_prefill
 
     def _sample(self, seq: Sequence, idx: int) -> TokenEvent:
-        token = self.calls.sample(self.context.ptr, seq, idx)
+        sampled = self.calls.sample(self.context.ptr, seq, idx)
+        token = sampled.token
         sp = seq.request.sampling
         seq.generated.append(token)
-        # The first event of a request says how much of its prompt was found cached.
-        cached = seq.cached_tokens if len(seq.generated) == 1 else None
+        # The first event of each choice says how much of its prompt was found cached.
+        event = TokenEvent("", (token,), cached_tokens=seq.cached_tokens if len(seq.generated) == 1 else None,
+                           index=seq.index, logprobs=self._logprobs(sampled))
         if not sp.ignore_eos and self.llama.is_eog(token):
-            return TokenEvent(self._flush(seq), (token,), finish_reason="stop", cached_tokens=cached)
+            return replace(event, text=self._flush(seq), finish_reason="stop")
         text = seq.decoder.feed(self.llama.piece(token))
         text, stopped = seq.stop.feed(text)
         if stopped:
-            return TokenEvent(text, (token,), finish_reason="stop", cached_tokens=cached)
+            return replace(event, text=text, finish_reason="stop")
         if len(seq.generated) >= sp.max_tokens:
-            return TokenEvent(text + self._flush(seq), (token,), finish_reason="length", cached_tokens=cached)
+            return replace(event, text=text + self._flush(seq), finish_reason="length")
         seq.pending_token = token
-        return TokenEvent(text, (token,), cached_tokens=cached)
+        return replace(event, text=text)
+
+    def _logprobs(self, sampled: Sampled) -> tuple[TokenLogprob, ...]:
+        if sampled.logprob is None:
+            return ()
+        piece = self.llama.piece
+        return (TokenLogprob(sampled.token, piece(sampled.token), sampled.logprob,
+                             tuple((t, piece(t), lp) for t, lp in sampled.top)),)
 
     @staticmethod
     def _flush(seq: Sequence) -> str:
@@ -292,15 +372,22 @@ class StepLoop:
         failed: list[Sequence] = [sl.seq for sl in plan]  # type: ignore[misc]
         log.error("%s; failing the %d requests in that batch: %s", reason, len(failed),
                   ", ".join(seq.request_id for seq in failed))
+        told: set[str] = set()
         for seq in failed:
             self.scheduler.finish(seq, trusted=False)
-            self._end(seq, TokenEvent("", finish_reason="error", error=reason, status=503))
+            _free_sampler(seq)
+            if seq.request_id not in told:
+                told.add(seq.request_id)
+                self._deliver([(seq.events, TokenEvent("", finish_reason="error", error=reason, status=503))])
+        for request_id in told:
+            self._end_request(request_id, None)  # its choices that were not in the batch
         self._freed = True
 
     def fail_unplaceable(self, seq: Sequence) -> None:
-        """The scheduler's verdict on a sequence that can never fit the KV cache."""
+        """The scheduler's verdict on a sequence that can never fit the KV cache: its request ends."""
         self.scheduler.finish(seq)
         self._end(seq, TokenEvent("", finish_reason="error", error="the KV cache cannot hold this request"))
+        self._end_request(seq.request_id, None)
         self._freed = True
 
     def preempted(self, seq: Sequence) -> None:
@@ -322,7 +409,7 @@ class StepLoop:
         pool, scheduler = self.pool, self.scheduler
         used, cached = pool.used_blocks(), pool.cached_blocks()
         if isinstance(pool, StreamPool):
-            room = sum(1 for s in pool.slots if not s.busy) - len(scheduler.waiting)
+            room = pool.free_slots() - scheduler.waiting_slots()
         else:
             room = pool.total_blocks - used - scheduler.waiting_blocks()
         self.figures = Figures(
@@ -347,25 +434,7 @@ def _put_all(deliveries: list[tuple[asyncio.Queue[TokenEvent], TokenEvent]]) -> 
         queue.put_nowait(event)
 
 
-def _make_sampler(request: GenerationRequest) -> Any:
-    """libllama's sampler chain for the request; None for greedy, which StepCalls.sample does itself."""
-    sp = request.sampling
-    if sp.temperature <= 0:
-        return None
-    params = ll.llama_sampler_chain_default_params()
-    params.no_perf = True
-    chain = ll.llama_sampler_chain_init(params)
-    if sp.top_k > 0:
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(sp.top_k))
-    if sp.top_p < 1.0:
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(sp.top_p, 1))
-    ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(sp.temperature))
-    seed = ll.LLAMA_DEFAULT_SEED if sp.seed is None else sp.seed & 0xFFFFFFFF
-    ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed))
-    return chain
-
-
 def _free_sampler(seq: Sequence) -> None:
-    if seq.sampler:
-        ll.llama_sampler_free(seq.sampler)
+    if seq.sampler is not None:
+        seq.sampler.free()
         seq.sampler = None
