@@ -149,8 +149,8 @@ def chat_template_args() -> tuple[str, ...]:
     use it (nothing to add). Without one, forged uses libllama's built-in template for the model family
     (gemma for Gemma 3) and llama-server would use ChatML; --no-jinja --chat-template NAME makes it call
     the same libllama function with the same name, so both prefill the same tokens."""
-    from forged.engine.shapes import read_gguf_metadata
     from forged.engine.llama_cpp.model import _builtin_template_for  # the engine's own choice, not a copy
+    from forged.engine.shapes import read_gguf_metadata
 
     meta, _ = read_gguf_metadata(model())
     if "tokenizer.chat_template" in meta:

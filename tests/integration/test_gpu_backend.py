@@ -83,17 +83,17 @@ def test_allow_cpu_fallback_runs_on_the_cpu_and_says_so_everywhere(
     assert "no GPU backend" in engine["gpu_unused"] and "forgectl engine build" in engine["gpu_unused"]
     device = engine["device"]
     assert device["runs_on"] == "CPU" and device["layers_offloaded"] == 0
-    assert device["layers_total"] == 19  # Gemma 3 270M: 18 blocks and the output layer
+    assert device["layers_total"] == 31  # SmolLM2-135M-Instruct: 30 blocks and the output layer
     assert device["library"] == vendored_libllama() and device["gpu_offload"] is False
     assert [d["type"] for d in device["devices"]] == ["cpu"] and device["kv_on"] == ["CPU"]
     assert status["kv_cache"]["blocks_total"] > 0
-    assert "GPU unused" in daemon.log() and "on CPU (0/19 layers offloaded)" in daemon.log()
+    assert "GPU unused" in daemon.log() and "on CPU (0/31 layers offloaded)" in daemon.log()
 
     capsys.readouterr()
     assert forgectl_main(["--url", daemon.url, "status"]) == 0
     out = capsys.readouterr().out
     assert "WARNING   GPU unused: NVIDIA H200 is here" in out
-    assert "device    CPU: 0/19 layers offloaded, KV on CPU" in out
+    assert "device    CPU: 0/31 layers offloaded, KV on CPU" in out
     assert forgectl_main(["--url", daemon.url, "doctor", "--rules-dir", str(tmp_path / "none")]) == 1
     out = capsys.readouterr().out
     assert "FAIL  GPU offload" in out and "-> run: sudo forgectl engine build" in out
