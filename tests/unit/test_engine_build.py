@@ -28,7 +28,7 @@ from machine import machine
 from forged import config, hardware, profiles
 from forged.ctl import engine as eb
 from forged.engine.llama_cpp import library
-from forged.nvml import NvmlSession
+from forged.hardware.nvml import NvmlSession
 
 REPO = Path(__file__).resolve().parents[2]
 VERSION = "0.3.36"

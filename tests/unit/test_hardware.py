@@ -22,8 +22,9 @@ import fake_jtop
 from fake_nvml import FakeNvml, NVMLError
 from machine import FIXTURES, machine, writable_root
 
-from forged import hardware, jetson
-from forged.nvml import NvmlSession
+from forged import hardware
+from forged.hardware import jetson
+from forged.hardware.nvml import NvmlSession
 from forged.schema import to_plain
 
 
