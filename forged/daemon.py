@@ -29,7 +29,7 @@ from forged.api.app import access_summary, build_app, make_runner, open_listener
 from forged.engine import create_engine
 from forged.engine.base import Engine, EngineError, EngineHooks
 from forged.metrics import Metrics
-from forged.schema import ConfigError
+from forged.schema import EXIT_CONFIG, ConfigError
 from forged.state import ServiceState
 from forged.systemd import Notifier, inherited_sockets, run_watchdog, watchdog_interval
 
@@ -37,7 +37,6 @@ log = logging.getLogger("forged")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
-EXIT_CONFIG = 78  # EX_CONFIG; the unit's RestartPreventExitStatus= stops a restart loop on it
 LOAD_EXTEND_S = 30.0
 STATUS_INTERVAL_S = 2.0
 # After the drain timeout, how long cancelled requests get to write their last event before forged
