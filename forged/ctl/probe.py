@@ -14,6 +14,7 @@ from pathlib import Path
 from forged import config as config_mod
 from forged import hardware as hardware_mod
 from forged.config import LoadedConfig
+from forged.engine.llama_cpp.library import cuda_architecture
 from forged.hardware import HardwareInfo
 from forged.profiles import Selection, explain, select
 from forged.schema import EXIT_CONFIG, ConfigError, to_plain
@@ -88,8 +89,6 @@ def report(hardware: HardwareInfo, config: LoadedConfig | None, error: str | Non
 def cuda_target(hardware: HardwareInfo, selection: Selection) -> dict[str, object]:
     """The CUDA architecture `forgectl engine build` compiles for here: the probe's compute capability
     as sm_XX, and the selected profile's `llama_cpp.cuda_architecture`; they must agree."""
-    from forged.engine.llama_cpp.library import cuda_architecture
-
     probed = cuda_architecture(hardware.compute_capability) if hardware.kind != "cpu" else None
     pinned = selection.profile.llama_cpp.cuda_architecture
     return {"compute_capability": hardware.compute_capability if probed else None, "probe_architecture": probed,
