@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from forged import config as config_mod
-from forged.engine.kv import KvShape, plan_capacity
+from forged.engine.kv import KvShape, kv_budget_bytes, plan_capacity
 from forged.engine.shapes import shape_from_path
 from forged.schema import EXIT_CONFIG, ConfigError
 
@@ -61,8 +61,7 @@ def build(shape: KvShape, profile: config_mod.Profile, sku: str, memory: int, co
           sessions: int | None) -> dict[str, Any]:
     levers = profile.tensorrt_llm
     wanted = sessions or profile.inference.max_concurrent_sessions
-    # TensorRT-LLM's free_gpu_memory_fraction applies to the memory left once the weights are in.
-    budget = shape.weights_bytes + levers.free_gpu_memory_fraction * max(memory - shape.weights_bytes, 0)
+    budget = shape.weights_bytes + kv_budget_bytes(memory, shape.weights_bytes, levers.free_gpu_memory_fraction)
     rows = []
     for dtype in DTYPES:
         plan = plan_capacity(shape, int(budget), dtype, levers.tokens_per_block, context, wanted,
