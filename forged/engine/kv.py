@@ -11,7 +11,6 @@ either from a file is `engine/shapes.py`'s job, so that this module stays arithm
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,6 +128,11 @@ def shape_from_hf_config(config: dict[str, Any], weights_bytes: int = 0) -> KvSh
                    trained_context=int(cfg.get("max_position_embeddings") or 0), weights_bytes=weights_bytes)
 
 
+def blocks_for(tokens: int, tokens_per_block: int) -> int:
+    """Whole blocks that hold `tokens` tokens: KV is allocated and counted in blocks."""
+    return -(-tokens // tokens_per_block)
+
+
 def kv_budget_bytes(available_bytes: int, weights_bytes: int, free_gpu_memory_fraction: float) -> float:
     """What the KV cache may take: `free_gpu_memory_fraction` of the memory left once the weights
     are in (TensorRT-LLM's rule, which the llama_cpp engine follows too). The whole budget the
@@ -160,7 +164,7 @@ def plan_capacity(shape: KvShape, budget_bytes: int, dtype: str, tokens_per_bloc
     KV allocated in whole blocks of `tokens_per_block` tokens, and what is left for `sessions`."""
     dtype_bytes = (LLAMA_CPP_DTYPE_BYTES if engine == "llama_cpp" else DTYPE_BYTES)[dtype]
     kv_budget = max(budget_bytes - shape.weights_bytes, 0)
-    blocks = math.ceil(context / tokens_per_block)
+    blocks = blocks_for(context, tokens_per_block)
     per_session = shape.context_bytes(blocks * tokens_per_block, dtype_bytes)
     fit = int(kv_budget // per_session) if per_session else 0
     return CapacityPlan(dtype=dtype, dtype_bytes=dtype_bytes, context=context, tokens_per_block=tokens_per_block,

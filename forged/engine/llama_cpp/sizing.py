@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from forged.engine.base import EngineError
-from forged.engine.kv import LLAMA_CPP_DTYPE_BYTES, KvShape, kv_budget_bytes
-from forged.engine.llama_cpp.kvpool import blocks_for
+from forged.engine.kv import LLAMA_CPP_DTYPE_BYTES, KvShape, blocks_for, kv_budget_bytes
 
 # libllama's ceiling on sequence ids in one context (LLAMA_MAX_SEQ).
 MAX_SEQ = 256
