@@ -43,7 +43,6 @@ TEXT = ("The harbour master walked along the old stone pier while the evening ti
         "Rain had been promised for the night, but the wind carried only salt and the smell of tar. "
         "Somebody was frying onions in a kitchen above the chandlery, and the window was open. ")
 WORDS = TEXT.split()
-# Levers: the profile sections an operator tunes. Targets are compared separately.
 
 
 def add_parser(sub: Any) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = "forged-bench/1"
-# The profile sections whose keys are levers, and the workload keys two runs must share to compare.
+# Levers: the profile sections an operator tunes (targets are compared separately), and the workload
+# keys two runs must share to be compared.
 LEVER_SECTIONS = ("engine", "tensorrt_llm", "inference", "thresholds", "admission", "llama_cpp")
 WORKLOAD_KEYS = ("users", "prompt_tokens", "prompt_spread", "max_tokens", "requests", "duration_s", "endpoint")
 

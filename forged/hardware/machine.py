@@ -97,7 +97,6 @@ class HardwareInfo:
         return None
 
 
-
 def cpu_model(root: Path = Path("/")) -> str:
     try:
         text = (root / "proc/cpuinfo").read_text()
@@ -108,7 +107,6 @@ def cpu_model(root: Path = Path("/")) -> str:
         if key.strip() in ("model name", "Model", "Hardware") and value.strip():
             return value.strip()
     return "unknown CPU"
-
 
 
 @dataclass(frozen=True)
@@ -185,7 +183,6 @@ def cuda_devices(gpus: tuple[GpuInfo, ...], env: Mapping[str, str]) -> tuple[tup
         return (), f"CUDA_VISIBLE_DEVICES={value!r} hides every GPU NVML lists"
     indices = ", ".join(str(gpu.index) for gpu in seen)
     return tuple(seen), f"CUDA_VISIBLE_DEVICES={value}: the engine's GPUs are NVML index {indices}, in that order"
-
 
 
 def probe(root: Path = Path("/"), *, nvml: NvmlSession | None = None, env: Mapping[str, str] | None = None,
