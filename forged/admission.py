@@ -16,6 +16,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from forged.config import Profile
 from forged.engine.base import Engine, GenerationRequest, TokenEvent
 from forged.metrics import Metrics
 
@@ -60,6 +61,14 @@ class Limits:
     max_queue_depth: int
     # Deadline admission: refuse at once a request predicted to miss this TTFT (seconds); None = off.
     ttft_deadline_s: float | None = None
+
+    @classmethod
+    def from_profile(cls, profile: Profile, sessions: int | None = None) -> Limits:
+        """The profile's guards: its sessions (or `sessions`, what the memory check enforces when
+        fewer fit), its queue depth, and under `admission.mode: deadline` its TTFT P99 target."""
+        deadline = profile.targets.ttft_p99_ms / 1000 if profile.admission.mode == "deadline" else None
+        return cls(sessions or profile.inference.max_concurrent_sessions, profile.thresholds.max_queue_depth,
+                   deadline)
 
 
 class Admission:

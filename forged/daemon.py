@@ -29,7 +29,7 @@ from forged.api.app import access_summary, build_app, make_runner, open_listener
 from forged.engine import create_engine
 from forged.engine.base import Engine, EngineError, EngineHooks
 from forged.metrics import Metrics
-from forged.schema import ConfigError
+from forged.schema import EXIT_CONFIG, ConfigError
 from forged.state import ServiceState
 from forged.systemd import Notifier, inherited_sockets, run_watchdog, watchdog_interval
 
@@ -37,7 +37,6 @@ log = logging.getLogger("forged")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
-EXIT_CONFIG = 78  # EX_CONFIG; the unit's RestartPreventExitStatus= stops a restart loop on it
 LOAD_EXTEND_S = 30.0
 STATUS_INTERVAL_S = 2.0
 # After the drain timeout, how long cancelled requests get to write their last event before forged
@@ -121,7 +120,7 @@ class Daemon:
             if engine.max_sessions is not None:
                 sessions = min(sessions or engine.max_sessions, engine.max_sessions)
             self._session_cap = sessions
-            state.admission = Admission(engine, _limits(selection.profile, sessions), state.metrics)
+            state.admission = Admission(engine, Limits.from_profile(selection.profile, sessions), state.metrics)
             engine.start(loop, EngineHooks(on_preempted=state.admission.on_preempted,
                                            on_capacity_freed=state.admission.on_capacity_freed,
                                            on_fatal=self._on_fatal))
@@ -238,7 +237,7 @@ class Daemon:
         if new.inference.max_concurrent_sessions > cap:
             pending.append(f"inference.max_concurrent_sessions above the {cap} this engine was started with")
         state.profile = _live_profile(state.profile, new, sessions)
-        state.admission.set_limits(_limits(new, sessions))
+        state.admission.set_limits(Limits.from_profile(new, sessions))
         if selection.name != state.profile_name:
             pending.append(f"profile switch to {selection.name}")
         state.pending_restart = pending
@@ -284,12 +283,6 @@ def _runs_on(engine: Engine) -> str:
     if not device:
         return engine.name
     return f"{device['runs_on']} ({device['layers_offloaded']}/{device['layers_total']} layers offloaded)"
-
-
-def _limits(profile: config_mod.Profile, sessions: int | None = None) -> Limits:
-    deadline = profile.targets.ttft_p99_ms / 1000 if profile.admission.mode == "deadline" else None
-    return Limits(sessions or profile.inference.max_concurrent_sessions, profile.thresholds.max_queue_depth,
-                  deadline)
 
 
 def _live_profile(old: config_mod.Profile, new: config_mod.Profile, sessions: int) -> config_mod.Profile:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from forged.config import Profile
 from forged.hardware import GpuInfo, HardwareInfo, MemoryReading, device_memory, gpu_memory, system_memory
-from forged.nvml import NvmlSession
+from forged.hardware.nvml import NvmlSession
 from forged.schema import ConfigError, Located
 
 if TYPE_CHECKING:  # forged.engine imports this module

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from forged.config import Profile
-from forged.engine.kv import KvShape, plan_capacity
+from forged.engine.kv import KvShape, kv_budget_bytes, plan_capacity
 from forged.hardware import MemoryReading
 
 GIB = 2**30
@@ -47,8 +47,7 @@ def check(profile: Profile, reading: MemoryReading, shape: KvShape, *, engine: s
     wanted = profile.inference.max_concurrent_sessions
     context = min(profile.inference.max_seq_len, shape.trained_context or profile.inference.max_seq_len)
     available = reading.available_bytes
-    free_after_weights = max(available - shape.weights_bytes, 0)
-    budget = shape.weights_bytes + levers.free_gpu_memory_fraction * free_after_weights
+    budget = shape.weights_bytes + kv_budget_bytes(available, shape.weights_bytes, levers.free_gpu_memory_fraction)
     plan = plan_capacity(shape, int(budget), levers.kv_cache_dtype, levers.tokens_per_block, context, wanted,
                          engine=engine)
     needed = shape.weights_bytes + wanted * plan.bytes_per_session

@@ -21,6 +21,11 @@ class ConfigError(Exception):
     """A config problem, already phrased as the one line the operator will read."""
 
 
+# The exit status of every command stopped by a ConfigError (EX_CONFIG from sysexits.h); the unit's
+# RestartPreventExitStatus= stops a restart loop on it.
+EXIT_CONFIG = 78
+
+
 @dataclasses.dataclass(frozen=True)
 class Located:
     """Parsed YAML plus where each key path came from, so that later checks can cite file:line."""

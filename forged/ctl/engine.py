@@ -34,9 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from forged import __version__, paths
+from forged import __version__, paths, profiles
+from forged import config as config_mod
+from forged import hardware as hardware_mod
 from forged.engine.llama_cpp import library
 from forged.hardware import HardwareInfo
+from forged.schema import ConfigError
 
 SOURCE_DIR = Path("/usr/share/forged/engine-src")
 NVCC_PLACES = ("/usr/local/cuda/bin/nvcc", "/opt/cuda/bin/nvcc")
@@ -443,11 +446,6 @@ def add_parser(sub: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from forged import config as config_mod
-    from forged import hardware as hardware_mod
-    from forged import profiles
-    from forged.schema import ConfigError
-
     hw = hardware_mod.probe()
     profile_name, profile_arch = None, None
     try:

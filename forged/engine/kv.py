@@ -11,14 +11,19 @@ either from a file is `engine/shapes.py`'s job, so that this module stays arithm
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
-# Bytes per element of the KV cache. TensorRT-LLM stores fp8 as one byte; libllama's stand-in for
-# fp8 is q8_0: blocks of 32 int8 values plus one fp16 scale, 34 bytes per 32 elements.
+# Bytes per element of the KV cache, by the profile's dtype name (TensorRT-LLM's: fp8 is one byte).
 DTYPE_BYTES: dict[str, float] = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0}
-LLAMA_CPP_DTYPE_BYTES: dict[str, float] = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 34 / 32}
+# The same dtypes as libllama's KV cache types: ggml's name and its ggml_type number (fixed: GGUF
+# files store it; llama-cpp-python 0.3.36 has no GGML_TYPE_BF16 to read it from). libllama has no
+# fp8; q8_0 is its 1-byte type: blocks of 32 int8 values plus one fp16 scale.
+KV_DTYPE_TO_GGML: dict[str, tuple[str, int]] = {"fp32": ("f32", 0), "fp16": ("f16", 1), "bf16": ("bf16", 30),
+                                                "fp8": ("q8_0", 8)}
+GGML_TYPE_BYTES: dict[str, float] = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
+LLAMA_CPP_DTYPE_BYTES: dict[str, float] = {dtype: GGML_TYPE_BYTES[name]
+                                          for dtype, (name, _) in KV_DTYPE_TO_GGML.items()}
 
 # Architectures whose GGUF does not carry the sliding-window layer pattern: llama.cpp hard-codes it
 # (one full-attention layer every N layers; the others slide).
@@ -123,6 +128,18 @@ def shape_from_hf_config(config: dict[str, Any], weights_bytes: int = 0) -> KvSh
                    trained_context=int(cfg.get("max_position_embeddings") or 0), weights_bytes=weights_bytes)
 
 
+def blocks_for(tokens: int, tokens_per_block: int) -> int:
+    """Whole blocks that hold `tokens` tokens: KV is allocated and counted in blocks."""
+    return -(-tokens // tokens_per_block)
+
+
+def kv_budget_bytes(available_bytes: int, weights_bytes: int, free_gpu_memory_fraction: float) -> float:
+    """What the KV cache may take: `free_gpu_memory_fraction` of the memory left once the weights
+    are in (TensorRT-LLM's rule, which the llama_cpp engine follows too). The whole budget the
+    startup check and `forgectl plan` speak of is the weights plus this."""
+    return free_gpu_memory_fraction * max(available_bytes - weights_bytes, 0)
+
+
 @dataclass(frozen=True)
 class CapacityPlan:
     dtype: str
@@ -147,7 +164,7 @@ def plan_capacity(shape: KvShape, budget_bytes: int, dtype: str, tokens_per_bloc
     KV allocated in whole blocks of `tokens_per_block` tokens, and what is left for `sessions`."""
     dtype_bytes = (LLAMA_CPP_DTYPE_BYTES if engine == "llama_cpp" else DTYPE_BYTES)[dtype]
     kv_budget = max(budget_bytes - shape.weights_bytes, 0)
-    blocks = math.ceil(context / tokens_per_block)
+    blocks = blocks_for(context, tokens_per_block)
     per_session = shape.context_bytes(blocks * tokens_per_block, dtype_bytes)
     fit = int(kv_budget // per_session) if per_session else 0
     return CapacityPlan(dtype=dtype, dtype_bytes=dtype_bytes, context=context, tokens_per_block=tokens_per_block,

@@ -190,7 +190,7 @@ def test_cancelling_a_sequence_that_shares_a_prefix_leaves_the_other_unchanged(m
     Compared over its first tokens, where the greedy choice is never close: further on, this small
     model loops ("eighteen, eighteen, ...") and a near-tie there can flip with the batch it shares
     (libllama's kernels are not batch-invariant). Lost or foreign KV changes the very next token.
-    tests/unit/test_kvpool.py checks the same bit for bit at the libllama level."""
+    tests/unit/engine/llama_cpp/test_kvpool.py checks the same bit for bit at the libllama level."""
     daemon: Daemon = make_daemon(model=gemma_path, profile=UNIFIED).start()
     prompt = SYSTEM + " Then the keeper counted the lamps: one, two, three, four, five,"
     body = {"prompt": prompt, "max_tokens": 32, "temperature": 0, "ignore_eos": True, "return_token_ids": True}

@@ -24,7 +24,7 @@ from forged import config, gpus, hardware, profiles, sanity
 from forged.engine.kv import KvShape
 from forged.engine.trtllm import translate
 from forged.hardware import HardwareInfo
-from forged.nvml import NvmlSession
+from forged.hardware.nvml import NvmlSession
 from forged.schema import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

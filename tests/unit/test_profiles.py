@@ -20,7 +20,7 @@ from machine import FIXTURES, machine
 from forged import cli, config, hardware, profiles, sanity
 from forged.engine.kv import KvShape
 from forged.hardware import HardwareInfo
-from forged.nvml import NvmlSession
+from forged.hardware.nvml import NvmlSession
 from forged.schema import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

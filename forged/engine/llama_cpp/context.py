@@ -15,16 +15,9 @@ import llama_cpp as ll
 
 from forged.config import Profile
 from forged.engine.base import EngineError
+from forged.engine.kv import KV_DTYPE_TO_GGML
 from forged.engine.llama_cpp.model import LlamaModel
 from forged.engine.llama_cpp.sizing import KvSizing
-
-# The profile names KV dtypes as TensorRT-LLM does; libllama has no fp8, q8_0 is its 1-byte type.
-KV_DTYPE_TO_GGML: dict[str, tuple[str, int]] = {
-    "fp32": ("f32", ll.GGML_TYPE_F32),
-    "fp16": ("f16", ll.GGML_TYPE_F16),
-    "bf16": ("bf16", getattr(ll, "GGML_TYPE_BF16", 30)),
-    "fp8": ("q8_0", ll.GGML_TYPE_Q8_0),
-}
 
 
 class LlamaContext:

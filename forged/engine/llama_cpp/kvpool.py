@@ -33,12 +33,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from forged.engine.kv import blocks_for
 from forged.engine.llama_cpp.hostcache import HostCache, HostEntry
 from forged.engine.llama_cpp.prefix import Block, PrefixIndex
-
-
-def blocks_for(tokens: int, tokens_per_block: int) -> int:
-    return -(-tokens // tokens_per_block)
 
 
 class KvMemory(Protocol):

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from forged.engine.base import EngineError
-from forged.engine.kv import LLAMA_CPP_DTYPE_BYTES, KvShape
-from forged.engine.llama_cpp.kvpool import blocks_for
+from forged.engine.kv import LLAMA_CPP_DTYPE_BYTES, KvShape, blocks_for, kv_budget_bytes
 
 # libllama's ceiling on sequence ids in one context (LLAMA_MAX_SEQ).
 MAX_SEQ = 256
@@ -56,7 +55,7 @@ def size_kv_cache(shape: KvShape, levers: Any, *, sessions: int, context: int, n
     tpb = levers.tokens_per_block
     context_blocks = blocks_for(context, tpb)
     cell_bytes = shape.elements_per_token_per_layer() * LLAMA_CPP_DTYPE_BYTES[levers.kv_cache_dtype]
-    budget = levers.free_gpu_memory_fraction * max(available_bytes - shape.weights_bytes, 0)
+    budget = kv_budget_bytes(available_bytes, shape.weights_bytes, levers.free_gpu_memory_fraction)
 
     def swa_bytes(n_seq: int) -> float:
         if not shape.swa_layers:

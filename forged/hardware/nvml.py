@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-log = logging.getLogger("forged.nvml")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,17 @@ def _failure(call: str, exc: BaseException, module: Any) -> NvmlFailure:
 
 def failed(value: Any) -> bool:
     return isinstance(value, NvmlFailure)
+
+
+_default_session: NvmlSession | None = None
+
+
+def default_nvml() -> NvmlSession:
+    """The process's NVML session over the real `pynvml`, started on first use and kept."""
+    global _default_session
+    if _default_session is None:
+        _default_session = NvmlSession()
+    return _default_session
 
 
 # ---------------------------------------------------------------- device queries

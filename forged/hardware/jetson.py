@@ -3,7 +3,7 @@
 Without jtop (the default, no AGPL code, no root service), forged reads what jtop itself reads:
 the devicetree `model` and `compatible` strings, `/etc/nv_tegra_release` (L4T; JetPack from the
 table below), and falls back to dpkg's record of `nvidia-l4t-core` for L4T. Memory is unified and
-comes from /proc/meminfo; the GPU's name and load come from NVML in `forged.hardware`.
+comes from /proc/meminfo; the GPU's name and load come from NVML in `machine.py`.
 
 jtop (`jetson-stats`, AGPL-3.0, optional extra `forged[jetson]`) adds what only its root service
 can read (the module name from the EEPROM P-Number). It is used only when its socket

@@ -16,14 +16,15 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fixtures"))
 
 import fake_jtop
 from fake_nvml import FakeNvml, NVMLError
 from machine import FIXTURES, machine, writable_root
 
-from forged import hardware, jetson
-from forged.nvml import NvmlSession
+from forged import hardware
+from forged.hardware import jetson
+from forged.hardware.nvml import NvmlSession
 from forged.schema import to_plain
 
 

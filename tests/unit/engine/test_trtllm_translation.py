@@ -24,10 +24,10 @@ from forged import config, hardware
 from forged.engine import create_engine, trtllm
 from forged.engine.trtllm import EngineConfigError, check_hardware, resolve_checkpoint, translate
 from forged.hardware import HardwareInfo
-from forged.nvml import NvmlSession
+from forged.hardware.nvml import NvmlSession
 from forged.schema import ConfigError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 FIXTURES = REPO / "tests" / "fixtures"
 FAKE = FIXTURES / "fake_tensorrt_llm"
 CHECKPOINT = FAKE / "tiny-checkpoint"

@@ -1,11 +1,11 @@
-"""What forged runs on, and how much memory the engine's device has right now.
+"""What machine forged runs on: `probe()` and the `HardwareInfo` it returns.
 
 `probe()` looks in this order and never raises:
 
-1. **Jetson**: the devicetree `model`/`compatible` and `/etc/nv_tegra_release` (`forged.jetson`),
+1. **Jetson**: the devicetree `model`/`compatible` and `/etc/nv_tegra_release` (`jetson.py`),
    unified memory from /proc/meminfo, the GPU's name, load and compute capability from NVML when it
    answers (on Thor it does, but memory queries answer NOT_SUPPORTED), jtop when its service runs.
-2. **Discrete GPU** through nvidia-ml-py (`forged.nvml`): every device's name, UUID, compute
+2. **Discrete GPU** through nvidia-ml-py (`nvml.py`): every device's name, UUID, compute
    capability and memory (nvmlMemory_v2: total, used, reserved, free), the driver and CUDA
    versions. The GPUs the engine may use are those CUDA_VISIBLE_DEVICES names (all when unset), in
    CUDA's order; the engine's device is the first of them. forged.gpus says which of them a
@@ -15,10 +15,6 @@
 Everything reads through `root` (a filesystem root) and an `NvmlSession` (over `pynvml` or a test
 stand-in), so tests can present a Thor, an RTX 4000 Ada, an H200 or a CPU box. What could not be
 read is said in `notes`, and the probe goes on with what it has.
-
-Memory figures: on CPU boxes and unified-memory machines MemTotal, and MemAvailable as the honest
-free figure (page cache that can be dropped counts as free); on a discrete GPU NVML's v2 figures,
-whose `used` excludes driver-reserved memory as nvidia-smi shows it.
 """
 
 from __future__ import annotations
@@ -26,14 +22,15 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from forged import jetson as jetson_mod
-from forged import nvml as nvml_mod
-from forged.jetson import JetsonInfo
-from forged.nvml import NvmlSession, failed
+from forged.hardware import jetson as jetson_mod
+from forged.hardware import nvml as nvml_mod
+from forged.hardware.jetson import JetsonInfo
+from forged.hardware.memory import system_memory
+from forged.hardware.nvml import NvmlSession, default_nvml, failed
 
 log = logging.getLogger("forged.hardware")
 
@@ -100,44 +97,6 @@ class HardwareInfo:
         return None
 
 
-@dataclass(frozen=True)
-class MemoryReading:
-    used_bytes: int
-    total_bytes: int
-    # Driver-reserved memory on a discrete GPU (NVML v2); 0 elsewhere.
-    reserved_bytes: int = 0
-
-    @property
-    def available_bytes(self) -> int:
-        """What an allocation can still get: MemAvailable, or NVML v2 free (total - reserved - used)."""
-        return max(self.total_bytes - self.used_bytes - self.reserved_bytes, 0)
-
-
-# ---------------------------------------------------------------- /proc
-
-def read_meminfo(root: Path = Path("/")) -> dict[str, int]:
-    """/proc/meminfo as bytes per key ({} when it cannot be read)."""
-    out: dict[str, int] = {}
-    try:
-        text = (root / "proc/meminfo").read_text()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        parts = rest.split()
-        if parts and parts[0].isdigit():
-            factor = 1024 if len(parts) > 1 and parts[1] == "kB" else 1
-            out[key] = int(parts[0]) * factor
-    return out
-
-
-def system_memory(root: Path = Path("/")) -> MemoryReading:
-    info = read_meminfo(root)
-    total = info.get("MemTotal", 0)
-    available = info.get("MemAvailable", info.get("MemFree", 0))
-    return MemoryReading(used_bytes=max(total - available, 0), total_bytes=total)
-
-
 def cpu_model(root: Path = Path("/")) -> str:
     try:
         text = (root / "proc/cpuinfo").read_text()
@@ -148,19 +107,6 @@ def cpu_model(root: Path = Path("/")) -> str:
         if key.strip() in ("model name", "Model", "Hardware") and value.strip():
             return value.strip()
     return "unknown CPU"
-
-
-# ---------------------------------------------------------------- NVML
-
-_default_session: NvmlSession | None = None
-
-
-def default_nvml() -> NvmlSession:
-    """The process's NVML session over the real `pynvml`, started on first use and kept."""
-    global _default_session
-    if _default_session is None:
-        _default_session = NvmlSession()
-    return _default_session
 
 
 @dataclass(frozen=True)
@@ -203,19 +149,14 @@ def _probe_nvml(session: NvmlSession) -> _NvmlView:
                       utilization_percent=None if failed(util) else int(util.gpu))
         if failed(memory):
             notes.append(f"GPU {index}: {memory}")
-            gpu = _replace(gpu, memory_source=f"not available: {memory}")
+            gpu = replace(gpu, memory_source=f"not available: {memory}")
         else:
-            gpu = _replace(gpu, memory_total_bytes=memory.total_bytes, memory_used_bytes=memory.used_bytes,
+            gpu = replace(gpu, memory_total_bytes=memory.total_bytes, memory_used_bytes=memory.used_bytes,
                            memory_reserved_bytes=memory.reserved_bytes, memory_free_bytes=memory.free_bytes,
                            memory_source=memory.source)
         gpus.append(gpu)
     return _NvmlView(tuple(gpus), driver, nvml_mod.cuda_version_text(cuda) if cuda else None, version,
                      tuple(notes))
-
-
-def _replace(obj: Any, **changes: Any) -> Any:
-    from dataclasses import replace
-    return replace(obj, **changes)
 
 
 def cuda_devices(gpus: tuple[GpuInfo, ...], env: Mapping[str, str]) -> tuple[tuple[GpuInfo, ...], str | None]:
@@ -243,8 +184,6 @@ def cuda_devices(gpus: tuple[GpuInfo, ...], env: Mapping[str, str]) -> tuple[tup
     indices = ", ".join(str(gpu.index) for gpu in seen)
     return tuple(seen), f"CUDA_VISIBLE_DEVICES={value}: the engine's GPUs are NVML index {indices}, in that order"
 
-
-# ---------------------------------------------------------------- probe
 
 def probe(root: Path = Path("/"), *, nvml: NvmlSession | None = None, env: Mapping[str, str] | None = None,
           jtop_module: Any = None, use_jtop: bool = True) -> HardwareInfo:
@@ -302,37 +241,3 @@ def _probe(root: Path, nvml: NvmlSession | None, env: Mapping[str, str] | None, 
 
     return HardwareInfo(kind="cpu", name=cpu, memory_total_bytes=sysmem.total_bytes, unified_memory=True,
                         notes=tuple(notes), **common)
-
-
-_warned_memory = False
-
-
-def device_memory(hardware: HardwareInfo, *, root: Path = Path("/"), nvml: NvmlSession | None = None,
-                  gpus: tuple[int, ...] | None = None) -> MemoryReading:
-    """Memory of the devices the engine runs on, read now.
-
-    Discrete GPUs: NVML v2 used/reserved/total, summed over `gpus` (NVML indices; default: the
-    engine's first GPU). CPU boxes and unified-memory machines (Jetson): MemTotal, and MemTotal -
-    MemAvailable as used. If NVML stops answering, the probe's reading stands in (logged once).
-    """
-    if hardware.unified_memory or hardware.device_index is None:
-        return system_memory(root)
-    readings = [gpu_memory(hardware, index, nvml=nvml) for index in (gpus or (hardware.device_index,))]
-    return MemoryReading(sum(r.used_bytes for r in readings), sum(r.total_bytes for r in readings),
-                         sum(r.reserved_bytes for r in readings))
-
-
-def gpu_memory(hardware: HardwareInfo, index: int, *, nvml: NvmlSession | None = None) -> MemoryReading:
-    """One discrete GPU's memory (NVML index), read now; the probe's reading if NVML stops answering."""
-    global _warned_memory
-    session = nvml if nvml is not None else default_nvml()
-    handle = session.call("nvmlDeviceGetHandleByIndex", index)
-    memory = handle if failed(handle) else nvml_mod.device_memory(session, handle)
-    if not failed(memory):
-        return MemoryReading(memory.used_bytes, memory.total_bytes, memory.reserved_bytes)
-    if not _warned_memory:
-        log.warning("GPU memory read failed (%s); reporting the reading taken at start", memory)
-        _warned_memory = True
-    gpu = hardware.nvml_gpu(index)
-    return MemoryReading(gpu.memory_used_bytes or 0 if gpu else 0, gpu.memory_total_bytes or 0 if gpu else 0,
-                         gpu.memory_reserved_bytes or 0 if gpu else 0)

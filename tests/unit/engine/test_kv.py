@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 
 from forged.engine.kv import (
+    DTYPE_BYTES,
+    KV_DTYPE_TO_GGML,
     KvShape,
+    kv_budget_bytes,
     plan_capacity,
     shape_from_hf_config,
     shape_from_metadata,
@@ -81,3 +84,18 @@ def test_llama_cpp_fp8_is_q8_0_size() -> None:
     shape = shape_from_hf_config(LLAMA_31_8B)
     plan = plan_capacity(shape, 10**12, "fp8", 32, 20_000, 8, engine="llama_cpp")
     assert plan.bytes_per_token == pytest.approx(65536 * 34 / 32)
+
+
+def test_every_profile_dtype_has_a_libllama_kv_type_and_its_numbers_are_libllamas() -> None:
+    import llama_cpp as ll  # the binding names most ggml types; bf16 it lacks (hence the numbers in kv.py)
+
+    assert set(KV_DTYPE_TO_GGML) == set(DTYPE_BYTES)
+    for name, ggml_type in KV_DTYPE_TO_GGML.values():
+        binding = getattr(ll, f"GGML_TYPE_{name.upper()}", None)
+        assert binding is None or binding == ggml_type, name
+
+
+def test_the_kv_budget_is_the_fraction_of_what_the_weights_leave() -> None:
+    assert kv_budget_bytes(10 * 2**30, 2 * 2**30, 0.5) == 4 * 2**30
+    # Weights larger than the memory leave nothing, never a negative budget.
+    assert kv_budget_bytes(2**30, 2 * 2**30, 0.9) == 0

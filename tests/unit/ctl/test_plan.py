@@ -7,7 +7,7 @@ from pathlib import Path
 
 from forged.cli import forgectl_main
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 LLAMA_31_8B = {"model_type": "llama", "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
                "hidden_size": 4096, "max_position_embeddings": 131072, "_name_or_path": "Llama-3.1-8B"}
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from forged import config as config_mod
-from forged.engine.kv import KvShape, plan_capacity
+from forged.engine.kv import KvShape, kv_budget_bytes, plan_capacity
 from forged.engine.shapes import shape_from_path
-from forged.schema import ConfigError
+from forged.schema import EXIT_CONFIG, ConfigError
 
 GIB = 2**30
 # Device memory of the seed's SKUs (platform.md): Thor's unified 128 GB, the RTX 4000 Ada's NVML total.
@@ -26,17 +26,18 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--model", required=True, type=Path, help="GGUF file, config.json or checkpoint directory")
     p.add_argument("--context", type=int, default=20000, help="tokens per session (default 20000)")
     p.add_argument("--sessions", type=int, help="sessions wanted (default: the profile's max_concurrent_sessions)")
-    p.add_argument("--memory-gib", type=float, help="device memory (default: the SKU's, see forged/plan.py)")
+    p.add_argument("--memory-gib", type=float, help="device memory (default: the SKU's, see forged/ctl/plan.py)")
     p.add_argument("--weights-gib", type=float, help="weights size when the model path has no weight files")
     p.add_argument("--config-dir", help="directory with sku_profiles.yaml (default: $FORGED_CONFIG_DIR or /etc/forged)")
 
 
-def main(args: argparse.Namespace, as_json: bool) -> int:
+def main(args: argparse.Namespace) -> int:
+    as_json = args.json
     try:
         profiles = config_mod.load(config_mod.resolve_config_dir(args.config_dir)).profiles
     except ConfigError as exc:
         print(f"forgectl: config error: {exc}", file=sys.stderr)
-        return 78
+        return EXIT_CONFIG
     if args.sku not in profiles:
         print(f"forgectl: unknown profile {args.sku!r}; known: {', '.join(sorted(profiles))}", file=sys.stderr)
         return 2
@@ -60,8 +61,7 @@ def build(shape: KvShape, profile: config_mod.Profile, sku: str, memory: int, co
           sessions: int | None) -> dict[str, Any]:
     levers = profile.tensorrt_llm
     wanted = sessions or profile.inference.max_concurrent_sessions
-    # TensorRT-LLM's free_gpu_memory_fraction applies to the memory left once the weights are in.
-    budget = shape.weights_bytes + levers.free_gpu_memory_fraction * max(memory - shape.weights_bytes, 0)
+    budget = shape.weights_bytes + kv_budget_bytes(memory, shape.weights_bytes, levers.free_gpu_memory_fraction)
     rows = []
     for dtype in DTYPES:
         plan = plan_capacity(shape, int(budget), dtype, levers.tokens_per_block, context, wanted,

@@ -21,16 +21,17 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fixtures"))
 
 from machine import machine
 
 from forged import config, hardware, profiles
 from forged.ctl import engine as eb
+from forged.ctl import probe as probe_cmd
 from forged.engine.llama_cpp import library
-from forged.nvml import NvmlSession
+from forged.hardware.nvml import NvmlSession
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 VERSION = "0.3.36"
 NVCC_13 = ("nvcc: NVIDIA (R) Cuda compiler driver\nCopyright (c) 2005-2025 NVIDIA Corporation\n"
            "Built on Wed_Jul_16_07:30:01_PM_PDT_2025\nCuda compilation tools, release 13.0, V13.0.48\n"
@@ -92,7 +93,7 @@ def test_jetson_profiles_probe_and_engine_build_agree(tmp_path: Path, monkeypatc
     loaded = config.load(REPO / "etc" / "forged")
     selection = profiles.select(loaded, hw)
     assert selection.name == profile and selection.profile.llama_cpp.cuda_architecture == arch
-    assert profiles.report(hw, loaded)["cuda"] == {"compute_capability": cc, "probe_architecture": arch,
+    assert probe_cmd.report(hw, loaded)["cuda"] == {"compute_capability": cc, "probe_architecture": arch,
                                                    "profile_architecture": arch, "agree": True}
     plan = make_plan(tmp_path, hw, profile_name=profile, profile_arch=arch, machine="aarch64")
     assert plan.arch == arch and plan.arch_reason.endswith(f"profile {profile} agrees")
