@@ -243,10 +243,11 @@ def test_sampling_fault_in_a_non_streamed_request_is_a_500_naming_it(daemon: Dae
 
 
 def test_failed_decode_fails_only_the_requests_in_its_batch(daemon: Daemon) -> None:
-    """A decodes; L (a long prompt) and S (a short one) are admitted while the step loop is held
+    """A decodes; L (a long prompt) and S (a shorter one) are admitted while the step loop is held
     by a hang, so both start together once it ends. The next batch holds A's decode token and the
-    first 127 tokens of L's prompt (128 a step); S, behind L in the prefill order, gets none. That
-    batch's llama_decode fails with -3 (after writing its KV, the worst case): A and L fail, S and
+    first 127 tokens of L's prompt (128 a step); S, behind L in the prefill order and longer than a
+    quarter of a step (so not a short remainder that goes first), gets none. That batch's
+    llama_decode fails with -3 (after writing its KV, the worst case): A and L fail, S and
     everything after run normally, reusing the failed requests' sequence slots."""
     before = outcomes(daemon)
     decoding = Stream(daemon, body(100))
@@ -255,7 +256,7 @@ def test_failed_decode_fails_only_the_requests_in_its_batch(daemon: Daemon) -> N
     wait_for(lambda: _steps_stand_still(daemon), 10, "the step loop to hang")
     long_prompt = Stream(daemon, body(8, prompt=LONG_PROMPT))
     wait_for(lambda: daemon.status()["sessions"]["active"] == 2, 10, "the long prompt to be admitted")
-    short_prompt = Stream(daemon, body(16))
+    short_prompt = Stream(daemon, body(16, prompt="Write a story about the sea. " * 8))
     wait_for(lambda: daemon.status()["sessions"]["active"] == 3, 10, "the short prompt to be admitted")
     armed = arm(daemon, kind="decode_error", status=-3)
     assert armed == {"injected": "decode_error", "request_id": None, "status": -3,

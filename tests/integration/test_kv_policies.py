@@ -124,8 +124,8 @@ def test_preempted_request_resumes_exactly_where_it_stopped(make_daemon) -> None
                     event = json.loads(line[6:])
                     request_id = event["id"]
                     ids.extend(event["choices"][0]["token_ids"])
-        prompt_ids = httpx.post(f"{daemon.url}/v1/completions", json={"prompt": prompt, "max_tokens": 1,
-                                                                     "return_token_ids": True}).json()
+        prompt_ids = (await client.post(f"{daemon.url}/v1/completions", json={
+            "prompt": prompt, "max_tokens": 1, "return_token_ids": True})).json()
         return request_id, prompt_ids["prompt_token_ids"], ids
 
     async def go() -> list[tuple[str, list[int], list[int]]]:

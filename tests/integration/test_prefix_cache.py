@@ -19,6 +19,11 @@ SYSTEM = ("You keep the records of the Northpoint lighthouse. Every night you wr
 QUESTIONS = ["Count from one to ten in words.", "Now count from eleven to twenty in words.",
              "Now list the days of the week."]
 UNIFIED = {"llama_cpp": {"kv_unified": True}}
+# Greedy text with the cache equals text without it on one ggml thread. With two, the KV a short
+# chunk computed differed in the last bits from the same tokens computed in a long batch, and the
+# answers parted at a near-tie (both models, on this 2-core box, 2026-12-06); the tests that compare
+# texts across the two paths pin one thread.
+ONE_THREAD = {"n_threads": 1}
 # The tests that compare one request's greedy text across different batches and cache states run on
 # Gemma 3 270M: SmolLM2-135M (the default model) has near-ties in its greedy choices on these prompts,
 # and libllama's kernels are not batch-invariant, so a token there flips with the batch (measured:
@@ -56,8 +61,8 @@ def _metric(daemon: Daemon, name: str) -> float:
 
 
 def test_later_turns_reuse_the_history_and_answer_as_without_the_cache(make_daemon) -> None:
-    on: Daemon = make_daemon().start()
-    off: Daemon = make_daemon(profile={"llama_cpp": {"prefix_cache": False}}).start()
+    on: Daemon = make_daemon(profile={"llama_cpp": ONE_THREAD}).start()
+    off: Daemon = make_daemon(profile={"llama_cpp": {"prefix_cache": False, **ONE_THREAD}}).start()
     messages = [{"role": "system", "content": SYSTEM}]
     previous_prompt = 0
     for turn, question in enumerate(QUESTIONS):
@@ -248,10 +253,11 @@ def test_the_host_tier_keeps_evicted_kv_and_restores_it(make_daemon, gemma_path)
     the same libllama save and restore calls, so that the round trip is checked on every CI run (the
     device run in docs/benchmarks.md checks it on a GPU)."""
     profile = {"inference": {"max_concurrent_sessions": 2, "max_seq_len": 2048},
-               "tensorrt_llm": {"host_cache_size": 256 << 20}}
+               "tensorrt_llm": {"host_cache_size": 256 << 20}, "llama_cpp": ONE_THREAD}
     env = {"FORGED_TEST_HOOKS": "1", "FORGED_TEST_HOST_TIER": "1"}
     daemon: Daemon = make_daemon(model=gemma_path, profile=profile, env=env).start()
-    reference: Daemon = make_daemon(model=gemma_path, profile={**profile, "llama_cpp": {"prefix_cache": False}}).start()
+    reference: Daemon = make_daemon(model=gemma_path, profile={
+        **profile, "llama_cpp": {"prefix_cache": False, **ONE_THREAD}}).start()
     documents = [f"Log book {i}. " + SYSTEM + " Tonight the wind turned north and the lamp burned" for i in range(3)]
     for doc in documents:  # the third needs a stream: the first one's KV goes to host RAM
         r = httpx.post(f"{daemon.url}/v1/completions", json={"prompt": doc, "max_tokens": 8}, timeout=600)
