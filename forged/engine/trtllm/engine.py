@@ -55,7 +55,7 @@ from forged.engine.base import (
     context_overflow,
 )
 from forged.engine.kv import shape_from_hf_config
-from forged.engine.llama_cpp.text import StopMatcher  # pure Python: no libllama import
+from forged.engine.text import StopMatcher
 from forged.engine.trtllm.checks import INSTALL_HINT, PACKAGE, Locate, check_hardware, one_line, refusal
 from forged.engine.trtllm.translation import GUIDED_BACKEND_FIELD, Translation, translate
 from forged.hardware import HardwareInfo
