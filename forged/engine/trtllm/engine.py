@@ -31,7 +31,6 @@ import contextlib
 import importlib
 import json
 import logging
-import math
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -54,7 +53,7 @@ from forged.engine.base import (
     TokenEvent,
     context_overflow,
 )
-from forged.engine.kv import shape_from_hf_config
+from forged.engine.kv import blocks_for, shape_from_hf_config
 from forged.engine.text import StopMatcher
 from forged.engine.trtllm.checks import INSTALL_HINT, PACKAGE, Locate, check_hardware, one_line, refusal
 from forged.engine.trtllm.translation import GUIDED_BACKEND_FIELD, Translation, translate
@@ -248,7 +247,7 @@ class TrtLlmEngine(Engine):
         kv = self._kv
         capacity = kv.max_blocks * kv.tokens_per_block
         if (capacity and self.levers.scheduler_policy == "guaranteed_no_evict"
-                and math.ceil(total / kv.tokens_per_block) > kv.max_blocks):
+                and blocks_for(total, kv.tokens_per_block) > kv.max_blocks):
             raise RequestRejected(f"the prompt has {prompt} tokens and max_tokens is {request.sampling.max_tokens}, "
                                   f"{total} in all, but the whole KV cache holds {capacity} tokens")
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 from forged.config import Profile
 from forged.engine.trtllm.checks import PACKAGE, Locate, check_version, one_line, refusal
+from forged.schema import to_plain
 
 GUIDED_BACKEND_FIELD, GUIDED_BACKEND = "guided_decoding_backend", "xgrammar"
 # 1.0.0's KvCacheConfig has no tokens_per_block; its PyTorch runtime uses its own (32 in the 1.0
@@ -50,14 +50,6 @@ def _fields(cls: Any) -> set[str]:
     if fields is None:  # a pydantic v1 class or a plain one: its constructor's names
         fields = getattr(cls, "__fields__", None) or {}
     return set(fields)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def _src(value: Any) -> str:
@@ -162,9 +154,7 @@ def translate(profile_name: str, profile: Profile, model: str, trt: Any, *, max_
         raise refusal(profile_name, "tensorrt_llm", f"TensorRT-LLM {version} refused the KV/scheduler config: "
                       f"{one_line(exc)}", where) from None
     kwargs = {"model": model, **top, "kv_cache_config": kv_obj, "scheduler_config": sched_obj}
-    plain = {"model": model, **{k: _plain(v) for k, v in top.items()},
-             "kv_cache_config": {k: _plain(v) for k, v in kv.items()},
-             "scheduler_config": {k: _plain(v) for k, v in sched.items()}}
+    plain = to_plain({"model": model, **top, "kv_cache_config": kv, "scheduler_config": sched})
     args = ", ".join([f"model={model!r}", *(f"{k}={_src(v)}" for k, v in top.items()),
                       "kv_cache_config=KvCacheConfig(" + ", ".join(f"{k}={_src(v)}" for k, v in kv.items()) + ")",
                       "scheduler_config=SchedulerConfig(" + ", ".join(f"{k}={_src(v)}" for k, v in sched.items())
