@@ -72,6 +72,7 @@ def build_app(state: ServiceState, api_keys: ApiKeys | None = None) -> web.Appli
     openai.add_tokenizer_pool(app)
     body.setup(app, server.max_body_bytes_in_flight, server.body_timeout_s)
     app[MAX_BODY] = server.max_body_bytes
+    app[openapi.ROUTES_KEY] = ROUTES  # what /openapi.json documents: the routes every daemon serves
     routes = ROUTES + (TEST_ROUTES if state.test_hooks else [])
     for method, path, handler in routes:
         app.router.add_route(method, path, handler,
