@@ -27,6 +27,7 @@ from pathlib import Path
 
 from forged.config import LoadedConfig, ModelSettings, Profile
 from forged.engine.base import Engine
+from forged.engine.model_files import check_gguf, resolve_model
 from forged.gpus import Placement, place
 from forged.hardware import HardwareInfo, system_memory
 from forged.schema import ConfigError
@@ -82,7 +83,6 @@ def create_engine(loaded: LoadedConfig, profile_name: str, profile: Profile, har
 def _llama_cpp(profile_name: str, profile: Profile, settings: ModelSettings, hardware: HardwareInfo,
                state_dir: Path, placement: Placement) -> tuple[Engine, str | None]:
     from forged.engine.llama_cpp import library as library_mod
-    from forged.engine.model_files import check_gguf, resolve_model
 
     model_path, model_name = resolve_model(settings, state_dir)
     # The GPU the probe found (a Jetson's integrated one too), by name; None on a CPU box.

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from forged.engine.kv import KvShape, shape_from_hf_config, shape_from_metadata
+from forged.engine.model_files import check_gguf
 
 
 def read_gguf_metadata(path: Path) -> tuple[dict[str, str], int]:
@@ -14,7 +15,6 @@ def read_gguf_metadata(path: Path) -> tuple[dict[str, str], int]:
     import llama_cpp as ll
 
     from forged.engine.llama_cpp.model import init_backend, read_metadata
-    from forged.engine.model_files import check_gguf
 
     init_backend()
     check_gguf(path)
