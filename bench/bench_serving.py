@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -322,13 +323,19 @@ GRAMMAR_CASES = {
 }
 
 
+# The step loop's debug line for a step of four decodes (worker.py): its llama_decode and its sampling.
+STEP_LOG = re.compile(r"step \d+: 4 decodes, \d+ prefill tokens.*decode ([\d.]+) ms, sample and deliver ([\d.]+) ms")
+
+
 def grammar_interference(tokens: int = 96, rounds: int = 2) -> dict[str, Any]:
     """What a grammar costs the other sequences of a batch. Three plain greedy streams run while a
     fourth runs plain, or under a grammar (GRAMMAR_CASES); the three's inter-token gaps while the
     fourth runs are compared. The step loop samples its sequences one after another, so a grammar's
     cost lands on every sequence's step. Also timed in-process, per sampled token: each sampling
-    path on the same logits row (_sampling_costs)."""
-    daemon = start()  # the cpu profile: 4 sessions
+    path on the same logits row (_sampling_costs). The gaps move with whatever else the box runs; the
+    step log (logging.level debug) splits each step into its llama_decode and its sampling, and the
+    sampling part is what a grammar adds to every sequence of the batch."""
+    daemon = start(settings={"logging": {"level": "debug"}})  # the cpu profile: 4 sessions
     plain = {"prompt": SHORT_PROMPT, "max_tokens": 2 * tokens, "ignore_eos": True, "temperature": 0}
     fourths: dict[str, dict[str, Any]] = {"plain": dict(plain, max_tokens=tokens)}
     for name, (schema, prompt, temperature) in GRAMMAR_CASES.items():
@@ -339,12 +346,17 @@ def grammar_interference(tokens: int = 96, rounds: int = 2) -> dict[str, Any]:
         async with httpx.AsyncClient(timeout=600) as client:
             runners = [asyncio.create_task(stream(client, daemon.url, "/v1/completions", plain)) for _ in range(3)]
             await asyncio.sleep(1.0)  # the three decoding
+            logged = len(daemon.log_path.read_text().splitlines())
             fourth = await stream(client, daemon.url, "/v1/completions", body)
+            steps = [tuple(float(x) for x in m.groups()) for line in daemon.log_path.read_text().splitlines()[logged:]
+                     if (m := STEP_LOG.search(line))]
             done = await asyncio.gather(*runners)
         start_s, end_s = fourth["arrivals"][0], fourth["arrivals"][-1]
         gaps = [b - a for r in done for a, b in itertools.pairwise(r["arrivals"]) if start_s <= a and b <= end_s]
         return {"median_gap_ms": statistics.median(gaps) * 1000, "mean_gap_ms": statistics.fmean(gaps) * 1000,
-                "fourth_tokens": len(fourth["arrivals"])}
+                "fourth_tokens": len(fourth["arrivals"]),
+                "step_decode_ms": statistics.fmean(d for d, _ in steps) if steps else None,
+                "step_sampling_ms": statistics.fmean(s for _, s in steps) if steps else None}
 
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in fourths}
     try:
@@ -361,7 +373,9 @@ def grammar_interference(tokens: int = 96, rounds: int = 2) -> dict[str, Any]:
     for name, results in runs.items():
         mean = statistics.median(r["mean_gap_ms"] for r in results)
         out[name] = {"mean_gap_ms": mean, "median_gap_ms": statistics.median(r["median_gap_ms"] for r in results),
-                     "mean_gap_over_plain": mean / base, "added_ms_per_step": mean - base}
+                     "mean_gap_over_plain": mean / base, "added_ms_per_step": mean - base,
+                     "step_decode_ms": statistics.median(r["step_decode_ms"] for r in results),
+                     "step_sampling_ms": statistics.median(r["step_sampling_ms"] for r in results)}
     out["sampling_cost_per_token_ms"] = _sampling_costs(config)
     return out
 

@@ -274,13 +274,22 @@ def test_sse_passes_through_unbuffered(fleet: Fleet) -> None:
 
 def test_conversation_turns_land_on_one_box(fleet: Fleet) -> None:
     """Later turns of a conversation (same X-Session-Id) go to the box that served the first, as its
-    request counters show; different conversations spread over the boxes."""
-    def completed(daemon: Daemon) -> float:
+    request counters show, and find their history in that box's prefix cache; different
+    conversations spread over the boxes."""
+    def counter(daemon: Daemon, series: str) -> float:
         text = httpx.get(f"{daemon.url}/metrics", timeout=10).text
-        return float(re.search(r'^forge_requests_total\{outcome="completed"\} (\S+)$', text, re.M).group(1))
+        return float(re.search(rf"^{re.escape(series)} (\S+)$", text, re.M).group(1))
+
+    def completed(daemon: Daemon) -> float:
+        return counter(daemon, 'forge_requests_total{outcome="completed"}')
+
+    def hits(daemon: Daemon) -> float:
+        return counter(daemon, "forge_prefix_cache_hits_total")
 
     before = {name: completed(d) for name, d in fleet.daemons.items()}
+    hits_before = {name: hits(d) for name, d in fleet.daemons.items()}
     served: dict[str, list[str]] = {}
+    cached: dict[str, list[int]] = {}
     with httpx.Client(base_url=fleet.url, timeout=WAIT_S) as client:
         for conversation in (f"conversation-{i}" for i in range(6)):
             messages = [{"role": "user", "content": "Say a colour."}]
@@ -288,11 +297,15 @@ def test_conversation_turns_land_on_one_box(fleet: Fleet) -> None:
                 outcome = request(client, stream=False, max_tokens=6, session=conversation, messages=messages)
                 assert outcome.done, outcome
                 served.setdefault(conversation, []).append(outcome.box)
+                cached.setdefault(conversation, []).append(
+                    outcome.body["usage"]["prompt_tokens_details"]["cached_tokens"])
                 reply = outcome.body["choices"][0]["message"]["content"]
                 messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "Another."}]
         # Without the header the client's address decides: this client always reaches the same box.
-        fallback = {request(client, stream=False, max_tokens=2, session=None).box for _ in range(3)}
+        unkeyed = [request(client, stream=False, max_tokens=2, session=None) for _ in range(3)]
+        fallback = {outcome.box for outcome in unkeyed}
     after = {name: completed(d) for name, d in fleet.daemons.items()}
+    hits_after = {name: hits(d) for name, d in fleet.daemons.items()}
 
     for conversation, boxes in served.items():
         assert len(set(boxes)) == 1, f"{conversation} moved between boxes: {boxes}"
@@ -302,6 +315,15 @@ def test_conversation_turns_land_on_one_box(fleet: Fleet) -> None:
     expected = {name: sum(boxes.count(name) for boxes in served.values()) + (3 if name in fallback else 0)
                 for name in BOXES}
     assert {name: after[name] - before[name] for name in BOXES} == expected
+    # Every later turn found the conversation's history cached on its box, and the boxes' hit
+    # counters add up to what the answers reported.
+    for conversation, found in cached.items():
+        assert all(n > 0 for n in found[1:]), (conversation, found)
+    reported = {name: sum(n for c, boxes in served.items() for box, n in zip(boxes, cached[c], strict=True)
+                          if box == name) for name in BOXES}
+    for outcome in unkeyed:
+        reported[outcome.box] += outcome.body["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert {name: hits_after[name] - hits_before[name] for name in BOXES} == reported
 
 
 def test_sigterm_drains_a_box_out_of_the_pool_with_no_failed_request(fleet: Fleet) -> None:
