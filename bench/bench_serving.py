@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from conftest import Daemon  # noqa: E402  (the same harness the integration tests use)
 
 from forged.config import ModelSettings  # noqa: E402
-from forged.models import resolve_model  # noqa: E402
+from forged.engine.model_files import resolve_model  # noqa: E402
 from forged.targets import percentile  # noqa: E402
 
 SHORT_PROMPT = "Write one sentence about lighthouses and the sea at night."

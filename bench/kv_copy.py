@@ -81,7 +81,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.model is None:
         from forged.config import ModelSettings
-        from forged.models import resolve_model
+        from forged.engine.model_files import resolve_model
         args.model, _ = resolve_model(ModelSettings(), REPO / "build" / "test-state")
     model = LlamaModel(args.model, args.gpu_layers)
     tokens = [(i * 7919) % (model.n_vocab - 1000) + 500 for i in range(args.tokens)]

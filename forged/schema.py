@@ -8,6 +8,7 @@ on: ``/etc/forged/forged.yaml:12: listen.http.port: expected an integer in 0..65
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import types
 import typing
@@ -196,7 +197,12 @@ def describe_value(value: Any) -> str:
 
 
 def to_plain(obj: Any) -> Any:
-    """Dataclass tree -> JSON-able dict (for /v1/status and `show-profile`)."""
+    """Dataclass tree -> JSON-able values (for /v1/status, `show-profile` and the arguments of the
+    TensorRT-LLM call): enums by their value, paths as strings."""
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, Path):
+        return str(obj)
     if dataclasses.is_dataclass(obj):
         return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):

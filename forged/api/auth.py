@@ -18,12 +18,12 @@ import os
 import pwd
 import socket
 import stat
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 from aiohttp import web
 
-from forged.api.errors import app_key, error_response
+from forged.api.errors import Handler, app_key, error_response
 from forged.config import is_loopback
 from forged.schema import ConfigError
 
@@ -34,8 +34,6 @@ EXEMPT_ROUTES = frozenset({"/healthz", "/readyz"})
 METRICS_ROUTE = "/metrics"
 MIN_KEY_CHARS = 16
 MAX_KEY_FILE_BYTES = 64 * 1024
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class ApiKeys:

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
 
-from forged.api.errors import MAX_BODY, app_key, error_response
+from forged.api.errors import MAX_BODY, Handler, app_key, error_response
 from forged.api.requests import BadRequest
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Set on a request whose `Expect: 100-continue` has not been answered yet (expect_continue_later).
 CONTINUE_PENDING = "forged.continue_pending"
 # JSON parsing holds the GIL, so more threads would not parse faster; one bounds the parses at once.

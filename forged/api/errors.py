@@ -51,6 +51,7 @@ def sse_error(message: str, code: str) -> bytes:
     return f"data: {json.dumps(payload)}\n\n".encode()
 
 
+# A request handler, or the rest of the middleware chain: what every middleware of forged wraps.
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 

@@ -8,6 +8,10 @@ what validation refuses or hide what it accepts. What those tables do not hold (
 tests/integration/test_openapi.py holds the document to the routes the app registers and to the
 validation, both ways. One rule no JSON Schema can state: a named tool_choice must name one of the
 request's tools.
+
+The routes come from api/app.py ROUTES, the one place routes are defined, handed over through the
+aiohttp app (`app[ROUTES_KEY]`, set by `build_app`): this module never imports app.py, which
+imports it.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from typing import Any
 from aiohttp import web
 
 from forged import __version__
+from forged.api import openai, ops
 from forged.api.auth import EXEMPT_ROUTES
 from forged.api.chat import ROLES
+from forged.api.errors import Handler, app_key
 from forged.api.openai import STATE
 from forged.api.requests import (
     BOOLEANS,
@@ -38,6 +44,9 @@ from forged.api.tools import MAX_TOOLS
 from forged.api.tools import NAME as TOOL_NAME
 
 OPENAPI_VERSION = "3.1.0"
+Route = tuple[str, str, Handler]  # (method, path, handler), as api/app.py ROUTES lists them
+# The routes the document covers: build_app puts ROUTES here.
+ROUTES_KEY = app_key("documented_routes", list)
 JSON = "application/json"
 
 _NULL = {"type": "null"}
@@ -227,8 +236,6 @@ def _read(summary: str, content: dict[str, Any] | None = None, **extra: Any) -> 
 def _operations() -> dict[Any, dict[str, Any]]:
     """Handler -> its documentation. The paths and methods come from api/app.py ROUTES, the one place
     routes are defined; a handler in ROUTES without an entry here fails loudly (KeyError) in tests."""
-    from forged.api import openai, ops  # the handlers' modules; app.py imports this one
-
     return {
         openai.completions: _generation("Text completion (OpenAI shape)", "CompletionRequest", "Completion"),
         openai.chat_completions: _generation("Chat completion (OpenAI shape)", "ChatCompletionRequest",
@@ -253,13 +260,12 @@ def _operations() -> dict[Any, dict[str, Any]]:
     }
 
 
-def document(context_length: int | None = None) -> dict[str, Any]:
-    """The whole document. `context_length`, when known, bounds max_tokens."""
-    from forged.api.app import ROUTES  # app.py imports this module
-
+def document(routes: list[Route], context_length: int | None = None) -> dict[str, Any]:
+    """The whole document for `routes` (api/app.py ROUTES). `context_length`, when known, bounds
+    max_tokens."""
     operations = _operations()
     paths: dict[str, dict[str, Any]] = {}
-    for method, route, handler in ROUTES:
+    for method, route, handler in routes:
         path = re.sub(r"\{(\w+):[^}]*\}", r"{\1}", route)  # aiohttp's {name:regex} is OpenAPI's {name}
         operation = operations[handler]
         op = {**operation, "responses": {**operation["responses"], "default": _error("any other error")}}
@@ -289,4 +295,4 @@ def document(context_length: int | None = None) -> dict[str, Any]:
 
 async def openapi_json(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    return web.json_response(document(state.engine.model.context_length or None))
+    return web.json_response(document(request.app[ROUTES_KEY], state.engine.model.context_length or None))

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from forged.config import LoadedConfig, ModelSettings, Profile
 from forged.engine.base import Engine
+from forged.engine.model_files import check_gguf, resolve_model
 from forged.gpus import Placement, place
 from forged.hardware import HardwareInfo, system_memory
 from forged.schema import ConfigError
@@ -82,7 +83,6 @@ def create_engine(loaded: LoadedConfig, profile_name: str, profile: Profile, har
 def _llama_cpp(profile_name: str, profile: Profile, settings: ModelSettings, hardware: HardwareInfo,
                state_dir: Path, placement: Placement) -> tuple[Engine, str | None]:
     from forged.engine.llama_cpp import library as library_mod
-    from forged.models import resolve_model
 
     model_path, model_name = resolve_model(settings, state_dir)
     # The GPU the probe found (a Jetson's integrated one too), by name; None on a CPU box.
@@ -91,7 +91,7 @@ def _llama_cpp(profile_name: str, profile: Profile, settings: ModelSettings, har
     choice = library_mod.choose(state_dir, hardware.compute_capability if gpu_name else None)
     from forged.engine.llama_cpp import backends
     from forged.engine.llama_cpp.engine import LlamaCppEngine
-    from forged.engine.llama_cpp.model import check_gguf, init_backend
+    from forged.engine.llama_cpp.model import init_backend
 
     check_gguf(model_path)  # fail before opening listeners: one line naming the file
     init_backend()

@@ -7,13 +7,14 @@ import json
 from pathlib import Path
 
 from forged.engine.kv import KvShape, shape_from_hf_config, shape_from_metadata
+from forged.engine.model_files import check_gguf
 
 
 def read_gguf_metadata(path: Path) -> tuple[dict[str, str], int]:
     """GGUF key/values and the weights' size, through libllama with vocab_only (no weights loaded)."""
     import llama_cpp as ll
 
-    from forged.engine.llama_cpp.model import check_gguf, init_backend, read_metadata
+    from forged.engine.llama_cpp.model import init_backend, read_metadata
 
     init_backend()
     check_gguf(path)

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
+from aiohttp import web
 from conftest import Daemon
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
@@ -26,8 +27,8 @@ from schemathesis.specs.openapi.checks import (
 from forged import config as config_mod
 from forged import hardware as hardware_mod
 from forged import profiles
-from forged.api.app import TEST_ROUTES, build_app
-from forged.api.openapi import document
+from forged.api.app import ROUTES, TEST_ROUTES, build_app
+from forged.api.openapi import ROUTES_KEY, document
 from forged.api.requests import CHAT_FIELDS, COMPLETION_FIELDS, NEUTRAL, BadRequest, parse_chat, parse_completion
 from forged.engine import create_engine
 from forged.metrics import Metrics
@@ -47,8 +48,8 @@ def _operations(doc: dict[str, Any]) -> set[tuple[str, str]]:
     return {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
 
 
-def _real_app_routes(tmp_path: Path, model_path: Path, test_hooks: bool) -> set[tuple[str, str]]:
-    """The routes build_app registers, on the same config, hardware, profile and engine objects
+def _real_app(tmp_path: Path, model_path: Path, test_hooks: bool) -> web.Application:
+    """The app build_app builds, on the same config, hardware, profile and engine objects
     `forged run` builds (the engine is created, not loaded: routing does not need the model)."""
     daemon = Daemon(tmp_path, model_path)
     loaded = config_mod.load(daemon.config_dir)
@@ -58,23 +59,24 @@ def _real_app_routes(tmp_path: Path, model_path: Path, test_hooks: bool) -> set[
     state = ServiceState(config=loaded, profile_name=selection.name, profile=selection.profile, hardware=hardware,
                          engine=choice.engine, metrics=Metrics(lambda: None), placement=choice.placement,
                          test_hooks=test_hooks)
-    app = build_app(state)
-    return {(route.method, route.resource.canonical) for route in app.router.routes()
-            if route.resource is not None}
+    return build_app(state)
 
 
 @pytest.mark.parametrize("test_hooks", [False, True])
 def test_document_covers_exactly_the_registered_routes(tmp_path: Path, model_path: Path, test_hooks: bool) -> None:
-    registered = _real_app_routes(tmp_path, model_path, test_hooks)
+    app = _real_app(tmp_path, model_path, test_hooks)
+    registered = {(route.method, route.resource.canonical) for route in app.router.routes()
+                  if route.resource is not None}
     test_only = {(method, path) for method, path, _ in TEST_ROUTES}
     assert (test_only <= registered) == test_hooks
-    assert _operations(document()) == registered - test_only
+    # The routes the app hands the document (the ones /openapi.json documents) are the ones it serves.
+    assert _operations(document(app[ROUTES_KEY])) == registered - test_only
 
 
 @pytest.mark.parametrize(("path", "parse", "fields"), REQUESTS)
 def test_request_schema_properties_are_the_accepted_fields(path: str, parse: Any, fields: frozenset[str]) -> None:
-    ref = document()["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
-    schema = document()["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    ref = document(ROUTES)["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    schema = document(ROUTES)["components"]["schemas"][ref.rsplit("/", 1)[1]]
     assert set(schema["properties"]) == fields | set(NEUTRAL)
     assert schema["additionalProperties"] is False
     required = schema["required"][0]
@@ -98,7 +100,7 @@ def test_validation_accepts_exactly_what_the_schema_allows(path: str, parse: Any
                                                            mode: GenerationMode) -> None:
     """Bodies generated from the schema are accepted by api/requests.py; bodies generated to violate
     it are refused. Either failing means the document and the validation have drifted apart."""
-    operation = schemathesis.openapi.from_dict(document())[path]["POST"]
+    operation = schemathesis.openapi.from_dict(document(ROUTES))[path]["POST"]
     disagreements: list[tuple[Any, str | None]] = []
 
     @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
@@ -139,7 +141,7 @@ def test_served_document_is_the_one_built_here_bounded_by_the_context(fuzz_daemo
     served = httpx.get(f"{fuzz_daemon.url}/openapi.json", timeout=10).json()
     context = fuzz_daemon.status()["model"]["context_length"]
     assert context == FUZZ_CONTEXT
-    assert served == json.loads(json.dumps(document(context)))
+    assert served == json.loads(json.dumps(document(ROUTES, context)))
     max_tokens = served["components"]["schemas"]["CompletionRequest"]["properties"]["max_tokens"]
     assert max_tokens["maximum"] == context
 
@@ -160,7 +162,7 @@ FUZZ_CHECKS = [not_a_server_error, status_code_conformance, content_type_conform
 
 
 # schemathesis' own pytest plugin does not run on pytest 9 yet: hypothesis drives its strategies here.
-@pytest.mark.parametrize(("method", "path"), sorted(_operations(document())))
+@pytest.mark.parametrize(("method", "path"), sorted(_operations(document(ROUTES))))
 def test_fuzzed_requests_get_no_5xx_and_only_openai_errors(live_schema: Any, method: str, path: str) -> None:
     operation = live_schema[path][method]
     # A route without parameters or body has no invalid input to generate.

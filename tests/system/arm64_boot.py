@@ -57,7 +57,7 @@ def main() -> int:
     subprocess.run(["tar", "-C", str(root), "-xf", tarball], check=True)
     sys.path.insert(0, str(REPO))
     from forged.config import ModelSettings
-    from forged.models import resolve_model
+    from forged.engine.model_files import resolve_model
 
     model, _ = resolve_model(ModelSettings(), BUILD / "test-state")
     ctr = Container(root, work / "nspawn.log", name="forged-arm64")

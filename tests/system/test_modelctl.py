@@ -13,7 +13,7 @@ import pytest
 
 from forged import cli
 from forged.config import ModelSettings
-from forged.models import DEFAULT_MODEL, GEMMA3_270M, resolve_model
+from forged.engine.model_files import DEFAULT_MODEL, GEMMA3_270M, resolve_model
 
 WHEELS = Path(os.environ.get("FORGED_WHEEL_CACHE", Path.home() / ".cache" / "forged" / "wheels"))
 MODEL = DEFAULT_MODEL.file

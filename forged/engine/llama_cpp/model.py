@@ -15,6 +15,7 @@ import markupsafe
 
 from forged.engine.base import EngineError, RequestRejected
 from forged.engine.llama_cpp.backends import LOAD_LOG
+from forged.engine.model_files import check_gguf
 
 log = logging.getLogger(__name__)
 
@@ -211,18 +212,3 @@ def read_metadata(model: Any, skip_prefix: str | None = None) -> dict[str, str]:
             out[key] = buf.value[: min(n, len(buf) - 1)].decode("utf-8", "replace")
     return out
 
-
-GGUF_MAGIC = b"GGUF"
-
-
-def check_gguf(path: Path) -> None:
-    """Refuse a missing or non-GGUF file with a message naming it, before libllama sees it."""
-    try:
-        with path.open("rb") as fh:
-            magic = fh.read(4)
-    except FileNotFoundError:
-        raise EngineError(f"{path}: model file not found") from None
-    except OSError as exc:
-        raise EngineError(f"{path}: cannot read model file: {exc.strerror}") from None
-    if magic != GGUF_MAGIC:
-        raise EngineError(f"{path}: not a GGUF model file (bad magic {magic!r})")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from forged.engine.base import GenerationRequest, TokenEvent
 from forged.engine.llama_cpp.kvpool import Slot, blocks_for
-from forged.engine.llama_cpp.text import StopMatcher, StreamDecoder
+from forged.engine.text import StopMatcher, StreamDecoder
 
 if TYPE_CHECKING:
     from forged.engine.llama_cpp.sampling import Sampler  # libllama: imported by the step loop only

@@ -37,7 +37,7 @@ from forged.engine.llama_cpp.model import LlamaModel
 from forged.engine.llama_cpp.sampling import Sampled, Sampler, build_sampler
 from forged.engine.llama_cpp.scheduler import Policy, Scheduler, Slice
 from forged.engine.llama_cpp.sequence import Sequence
-from forged.engine.llama_cpp.text import StopMatcher
+from forged.engine.text import StopMatcher
 
 log = logging.getLogger(__name__)
 

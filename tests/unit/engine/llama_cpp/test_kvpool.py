@@ -24,7 +24,7 @@ from forged.engine.llama_cpp.prefix import PrefixIndex
 from forged.engine.llama_cpp.scheduler import Policy, Scheduler
 from forged.engine.llama_cpp.sequence import Sequence, choice_blocks
 from forged.engine.llama_cpp.sizing import KvSizing
-from forged.engine.llama_cpp.text import StopMatcher
+from forged.engine.text import StopMatcher
 
 TPB = 16
 

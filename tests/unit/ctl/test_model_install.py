@@ -6,7 +6,7 @@ import os
 import threading
 from pathlib import Path
 
-from forged.modelctl import install_file
+from forged.ctl.model import install_file
 
 
 def test_install_over_an_existing_file_leaves_the_old_one_intact_and_renames_the_new_one_in(tmp_path: Path) -> None:

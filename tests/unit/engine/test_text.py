@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from forged.engine.llama_cpp.text import StopMatcher, StreamDecoder
+from forged.engine.text import StopMatcher, StreamDecoder
 
 
 def test_multibyte_character_split_across_pieces() -> None:

@@ -3,6 +3,10 @@
 A token's piece can end in the middle of a multi-byte UTF-8 character (emoji, CJK); the next
 token completes it. And a stop string can straddle tokens. Both mean some text must be held back
 until the following token decides it.
+
+Both engines stream through this: llama_cpp turns each token's bytes into text with `StreamDecoder`;
+TensorRT-LLM hands over text already decoded. Both cut stop strings with `StopMatcher`, so a stop
+string is cut the same way whichever engine runs.
 """
 
 from __future__ import annotations

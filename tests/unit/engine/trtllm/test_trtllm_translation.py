@@ -27,7 +27,7 @@ from forged.hardware import HardwareInfo
 from forged.hardware.nvml import NvmlSession
 from forged.schema import ConfigError
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[4]
 FIXTURES = REPO / "tests" / "fixtures"
 FAKE = FIXTURES / "fake_tensorrt_llm"
 CHECKPOINT = FAKE / "tiny-checkpoint"

@@ -1,4 +1,5 @@
-"""Which model file to serve: the configured one, or a packaged model from its PyPI package.
+"""Which model file to serve: the configured one, or a packaged model from its PyPI package; and
+whether a file is a GGUF model file at all (its magic), checked before libllama or an install sees it.
 
 Two models ship as PyPI packages and are known here by name:
 
@@ -27,6 +28,8 @@ from forged.config import ModelSettings
 from forged.engine.base import EngineError
 
 log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
 
 
 @dataclass(frozen=True)
@@ -110,3 +113,16 @@ def _missing(model: PackagedModel, installed: Path) -> EngineError:
     return EngineError(f"no model.path is configured, the package {model.dist} of the model {model.name} is not "
                        f"installed, and {installed} does not exist; set model.path in forged.yaml or run "
                        f"`forgectl model install --from-package`")
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse a missing or non-GGUF file with a message naming it, before libllama sees it."""
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except FileNotFoundError:
+        raise EngineError(f"{path}: model file not found") from None
+    except OSError as exc:
+        raise EngineError(f"{path}: cannot read model file: {exc.strerror}") from None
+    if magic != GGUF_MAGIC:
+        raise EngineError(f"{path}: not a GGUF model file (bad magic {magic!r})")

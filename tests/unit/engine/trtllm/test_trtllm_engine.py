@@ -29,7 +29,7 @@ from forged.engine.base import (
 from forged.engine.trtllm import TrtLlmEngine
 from forged.hardware import HardwareInfo
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[4]
 FAKE = REPO / "tests" / "fixtures" / "fake_tensorrt_llm"
 CHECKPOINT = FAKE / "tiny-checkpoint"
 SCRIPT = "The quick brown fox jumps over the lazy dog."
