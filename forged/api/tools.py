@@ -24,6 +24,7 @@ leaves the model free, and `none` sends no tools at all.
 
 from __future__ import annotations
 
+import abc
 import copy
 import functools
 import json
@@ -150,20 +151,20 @@ def format_for(template_source: str) -> ToolFormat:
     return GENERIC
 
 
-class ToolFormat:
+class ToolFormat(abc.ABC):
     name: str
 
+    @abc.abstractmethod
     def template_inputs(self, messages: list[dict[str, Any]], request: ToolRequest | None,
                         response_schema: dict[str, Any] | None) -> TemplateInputs:
         """The messages and `tools` to render the chat template with."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def constraint(self, request: ToolRequest, response_schema: dict[str, Any] | None) -> OutputConstraint | None:
         """The grammar the answer is held to; None: the model is free."""
-        raise NotImplementedError
 
-    def parser(self, request: ToolRequest | None) -> OutputParser:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def parser(self, request: ToolRequest | None) -> OutputParser: ...
 
 
 class GenericFormat(ToolFormat):
@@ -316,14 +317,14 @@ def _plain_message(message: dict[str, Any], as_json: bool) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- parsers
 
 
-class OutputParser:
+class OutputParser(abc.ABC):
     """One choice's generated text in, as it streams; content and tool calls out."""
 
-    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def feed(self, text: str) -> tuple[str, list[ToolCall]]: ...
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def finish(self) -> tuple[str, list[ToolCall]]: ...
 
 
 class ContentParser(OutputParser):

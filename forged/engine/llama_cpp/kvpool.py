@@ -213,13 +213,18 @@ class KvPool(abc.ABC):
         for block in parent.path:
             self._hold(slot, block)
         slot.indexable = parent.indexable
+        return slot if self._occupy(slot, reserve_tokens) else None
+
+    def _occupy(self, slot: Slot, reserve_tokens: int) -> bool:
+        """Mark a placed slot busy with room for `reserve_tokens` tokens; False (slot released) when
+        the blocks for them are not there."""
         self._set_busy(slot, True)
         self._settle(slot)
         slot.last_used = self._touch()
         if not self.ensure(slot, reserve_tokens):
             self.release(slot)
-            return None
-        return slot
+            return False
+        return True
 
     @abc.abstractmethod
     def _fork_slot(self, keep: Slot) -> Slot | None:
@@ -367,11 +372,7 @@ class UnifiedPool(KvPool):
                     self._hold(slot, block)
                 slot.tokens = list(prompt[:cached])
                 holder.last_used = self._touch()
-        self._set_busy(slot, True)
-        self._settle(slot)
-        slot.last_used = self._touch()
-        if not self.ensure(slot, reserve_tokens):
-            self.release(slot)
+        if not self._occupy(slot, reserve_tokens):
             return None
         self.queries += len(prompt)
         self.hits += cached
