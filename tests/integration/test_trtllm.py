@@ -175,6 +175,11 @@ def test_background_failure_turns_not_ready_and_exits_nonzero(make_daemon: Any, 
 
     poller = threading.Thread(target=poll_readyz, daemon=True)
     poller.start()
+    # The fault must come after the poller's first answer, or a slow first request on a loaded
+    # machine sees only the 503s.
+    deadline = time.monotonic() + 30
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.01)
     body = {"prompt": "Hello", "max_tokens": 3000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{daemon.url}/v1/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
