@@ -49,3 +49,28 @@ def test_a_short_remainder_goes_ahead_of_an_older_long_prompt_within_half_the_bu
     plan = plan_step([], [long_prompt, *many], max_num_tokens=256, chunked=True)
     # Only two fit the short half (128); the rest wait behind the older prompt's chunk.
     assert [(s.seq.arrival, s.n_tokens) for s in plan] == [(10, 50), (11, 50), (5, 156)]
+
+
+def test_on_the_cpu_a_chunk_leaves_a_whole_flash_attention_tile_for_the_last_one() -> None:
+    # 181 left, 124 free: 124 now would leave 57, a chunk that costs as much as 64. Take 117, leave 64.
+    plan = plan_step([Seq(1), Seq(2), Seq(3), Seq(4)], [Seq(5, 181)], max_num_tokens=128, chunked=True, min_chunk=64)
+    assert [(s.seq.arrival, s.n_tokens) for s in plan][-1] == (5, 117)
+    # Without the tile rule (a GPU), the step is filled.
+    plan = plan_step([Seq(1), Seq(2), Seq(3), Seq(4)], [Seq(5, 181)], max_num_tokens=128, chunked=True)
+    assert [(s.seq.arrival, s.n_tokens) for s in plan][-1] == (5, 124)
+    # When leaving a tile would make this chunk shorter than one, it is taken whole: nothing gained.
+    plan = plan_step([], [Seq(1, 100)], max_num_tokens=60, chunked=True, min_chunk=64)
+    assert [(s.seq.arrival, s.n_tokens) for s in plan] == [(1, 60)]
+
+
+def test_on_the_cpu_a_younger_prompt_takes_no_sliver_but_the_oldest_always_progresses() -> None:
+    # The older prompt leaves 28 tokens of the step: the younger one waits for a fuller step.
+    plan = plan_step([], [Seq(1, 100), Seq(2, 4000)], max_num_tokens=128, chunked=True, min_chunk=64)
+    assert [(s.seq.arrival, s.n_tokens) for s in plan] == [(1, 100)]
+    # A younger prompt's last piece, however short, still goes: it finishes that prompt.
+    plan = plan_step([], [Seq(1, 100), Seq(2, 20)], max_num_tokens=128, chunked=True, min_chunk=64)
+    assert [(s.seq.arrival, s.n_tokens) for s in plan] == [(2, 20), (1, 100)]
+    # A budget smaller than a tile (many decodes, or a small max_num_tokens): the oldest still moves.
+    plan = plan_step([Seq(k) for k in range(1, 121)], [Seq(200, 4000), Seq(201, 4000)], max_num_tokens=128,
+                     chunked=True, min_chunk=64)
+    assert [(s.seq.arrival, s.n_tokens) for s in plan if not s.is_decode] == [(200, 8)]
