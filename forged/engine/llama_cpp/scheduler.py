@@ -8,9 +8,9 @@ first, then prefill chunks in arrival order. This is the "chunked context" lever
 the budget goes to prefilling sequences: first short remainders the step can finish (within half of
 the budget), then oldest first. On the CPU, chunks keep to ggml's flash-attention tile
 (`Policy.min_chunk`): a chunk that does not finish its prompt leaves a whole tile for the last one,
-and a younger prompt does not take a sliver of what an older one left. With chunking off a prompt is only scheduled
-whole (admission refuses prompts longer than the budget). When no sequence is decoding there is no
-stream to keep smooth, and a step may take a whole ubatch of prompt.
+and a younger prompt does not take a sliver of what an older one left. With chunking off a prompt
+is only scheduled whole (admission refuses prompts longer than the budget). When no sequence is
+decoding there is no stream to keep smooth, and a step may take a whole ubatch of prompt.
 
 Before a step runs, every sequence in it must own KV blocks for what it writes. Under
 guaranteed_no_evict the reservation made at its start covers it; under max_utilization blocks are
