@@ -59,7 +59,11 @@ class LlamaContext:
         self.ptr = ptr
         self.memory = ll.llama_get_memory(ptr)
         libllama = loaded_path()
-        self.threads = CpuThreadPool(libllama, ptr, threads) if libllama is not None else None
+        # Only where the layers run on the CPU: the pool's workers spin for a while after each graph
+        # (ggml's hybrid polling), which on a GPU box would keep every core busy beside the GPU for the
+        # few CPU ops of a step, and forged's GPU figures were measured without it.
+        self.threads = (CpuThreadPool(libllama, ptr, threads) if libllama is not None and n_gpu_layers == 0
+                        else None)
         self.kv_type_name = kv_name
         self.params: dict[str, Any] = {
             "n_ctx": kv.n_ctx, "n_batch": n_batch, "n_ubatch": n_ubatch, "n_seq_max": kv.n_seq_max,

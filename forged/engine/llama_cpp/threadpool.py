@@ -8,6 +8,8 @@ polling (the workers spin briefly before they sleep), and attaches it with
 through ctypes: `ggml_threadpool_new`/`_free` from the CPU backend's registry entry (where
 llama.cpp's own code finds them, whatever library holds the CPU backend), the parameters from
 libggml-base, the attach call from libllama. Step thread only.
+
+Attached only when the model's layers run on the CPU (context.py says why).
 """
 
 from __future__ import annotations

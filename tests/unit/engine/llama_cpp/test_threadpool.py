@@ -44,3 +44,18 @@ def test_context_runs_on_one_attached_pool_of_its_threads(model_path: Path) -> N
         llama.free()
     assert context.threads is not None and context.threads.ptr is None  # detached and stopped with the context
     assert _threads() == before
+
+
+def test_no_pool_when_the_layers_are_offloaded(model_path: Path) -> None:
+    # The pool's workers spin after every graph; beside a GPU that would keep the cores busy for the
+    # step's few CPU operations. Offloaded engines keep ggml's own per-graph threads.
+    llama = LlamaModel(model_path, n_gpu_layers=0)
+    sizing = KvSizing(num_blocks=16, tokens_per_block=16, cache_bytes=0, budget_bytes=0, limited_by="test",
+                      sessions=1, unified=False, n_seq_max=1)
+    context = LlamaContext(llama, Profile(llama_cpp=LlamaCppOptions(n_threads=1)), sizing, n_batch=64, n_ubatch=64,
+                           n_gpu_layers=-1)
+    try:
+        assert context.threads is None
+    finally:
+        context.free()
+        llama.free()
