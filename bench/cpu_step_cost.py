@@ -33,7 +33,6 @@ sys.path.insert(0, str(REPO / "bench"))
 import llama_cpp as ll  # noqa: E402
 from bench_serving import model  # noqa: E402
 
-from forged.engine.llama_cpp.library import loaded_path  # noqa: E402
 from forged.engine.llama_cpp.threadpool import CpuThreadPool  # noqa: E402
 
 CHUNKS = (16, 32, 63, 64, 96, 128, 256)
@@ -47,8 +46,7 @@ class Bench:
         p.kv_unified, p.no_perf = False, True
         p.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = ll.llama_init_from_model(model_ptr, p)
-        libllama = loaded_path()
-        self.pool = CpuThreadPool(libllama, self.ctx, threads) if pool and libllama else None
+        self.pool = CpuThreadPool(self.ctx, threads) if pool else None
         self.batch = ll.llama_batch_init(512, 0, 1)
         self.rng = np.random.default_rng(0)
 

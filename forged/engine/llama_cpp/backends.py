@@ -18,11 +18,10 @@ import ctypes
 import logging
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from forged.engine.base import EngineError
-from forged.engine.llama_cpp.library import LibraryChoice, loaded_path
+from forged.engine.llama_cpp.library import LibraryChoice, loaded_path, loaded_sibling
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +75,7 @@ def inspect(choice: LibraryChoice) -> Library:
         log.warning("llama_cpp was imported before forged chose %s; it runs %s", choice.directory, path)
     backends: list[str] = []
     devices: list[Device] = []
-    ggml = _libggml(path)
+    ggml = _libggml()
     if ggml is not None:
         for i in range(ggml.ggml_backend_reg_count()):
             backends.append(_text(ggml.ggml_backend_reg_name(ggml.ggml_backend_reg_get(i))))
@@ -98,16 +97,12 @@ def _text(value: bytes | None) -> str:
     return value.decode("utf-8", "replace") if value else ""
 
 
-def _libggml(libllama: Path | None) -> Any:
-    """libggml beside libllama (its RUNPATH is $ORIGIN), already loaded by it: dlopen by that path
-    returns the same library, so its registry is the one libllama uses."""
-    if libllama is None:
-        return None
-    candidate = libllama.parent / "libggml.so"
+def _libggml() -> Any:
+    """libggml beside the loaded libllama (library.loaded_sibling), with the registry calls' types."""
     try:
-        lib = ctypes.CDLL(str(candidate))
+        lib = loaded_sibling("libggml.so")
     except OSError as exc:
-        log.warning("cannot read ggml's device list from %s: %s", candidate, exc)
+        log.warning("cannot read ggml's device list: %s", exc)
         return None
     vp, sz = ctypes.c_void_p, ctypes.c_size_t
     for name, args, res in (("ggml_backend_reg_count", [], sz), ("ggml_backend_reg_get", [sz], vp),

@@ -17,7 +17,6 @@ import llama_cpp as ll
 from forged.config import Profile
 from forged.engine.base import EngineError
 from forged.engine.kv import KV_DTYPE_TO_GGML
-from forged.engine.llama_cpp.library import loaded_path
 from forged.engine.llama_cpp.model import LlamaModel
 from forged.engine.llama_cpp.sizing import KvSizing
 from forged.engine.llama_cpp.threadpool import CpuThreadPool
@@ -58,12 +57,10 @@ class LlamaContext:
                               f"for {model.path}")
         self.ptr = ptr
         self.memory = ll.llama_get_memory(ptr)
-        libllama = loaded_path()
         # Only where the layers run on the CPU: the pool's workers spin for a while after each graph
         # (ggml's hybrid polling), which on a GPU box would keep every core busy beside the GPU for the
         # few CPU ops of a step, and forged's GPU figures were measured without it.
-        self.threads = (CpuThreadPool(libllama, ptr, threads) if libllama is not None and n_gpu_layers == 0
-                        else None)
+        self.thread_pool = CpuThreadPool(ptr, threads) if n_gpu_layers == 0 else None
         self.kv_type_name = kv_name
         self.params: dict[str, Any] = {
             "n_ctx": kv.n_ctx, "n_batch": n_batch, "n_ubatch": n_ubatch, "n_seq_max": kv.n_seq_max,
@@ -73,8 +70,8 @@ class LlamaContext:
 
     def free(self) -> None:
         if self.ptr:
-            if self.threads is not None:
-                self.threads.free(self.ptr)
+            if self.thread_pool is not None:
+                self.thread_pool.free(self.ptr)
             ll.llama_free(self.ptr)
             self.ptr = None
 

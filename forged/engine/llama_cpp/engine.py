@@ -43,7 +43,7 @@ from forged.engine.llama_cpp.grammar import to_gbnf, unsupported_features
 from forged.engine.llama_cpp.hostcache import HostCache
 from forged.engine.llama_cpp.kvpool import KvPool, StreamPool, UnifiedPool
 from forged.engine.llama_cpp.model import LlamaModel
-from forged.engine.llama_cpp.scheduler import CPU_FLASH_ATTN_TILE, Policy
+from forged.engine.llama_cpp.scheduler import CPU_MIN_CHUNK, Policy
 from forged.engine.llama_cpp.sequence import choice_blocks, reserve_tokens
 from forged.engine.llama_cpp.sizing import KvSizing, size_kv_cache
 from forged.engine.llama_cpp.warmup import warm_up
@@ -126,7 +126,7 @@ class LlamaCppEngine(Engine):
         policy = Policy(scheduler_policy=levers.scheduler_policy, paged=levers.use_paged_kv_cache,
                         chunked=levers.enable_chunked_context, max_num_tokens=levers.max_num_tokens,
                         idle_max_num_tokens=n_batch, context=context_length,
-                        min_chunk=CPU_FLASH_ATTN_TILE if self.n_gpu_layers == 0 else 1)
+                        min_chunk=CPU_MIN_CHUNK if self.n_gpu_layers == 0 else 1)
         self._loop = StepLoop(model, context, pool, policy, StepCalls(model.n_vocab), batch, self._prefill_rate,
                               self._decode_rate)
         log.info("model %s loaded: %d params, trained context %d, serving context %d; KV %d blocks x %d tokens "

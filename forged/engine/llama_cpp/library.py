@@ -19,6 +19,7 @@ The layout is shared with the builder:
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -151,3 +152,13 @@ def loaded_path() -> Path | None:
     lib = getattr(module, "_lib", None)
     name = getattr(lib, "_name", None)
     return Path(name) if name else None
+
+
+def loaded_sibling(name: str | None = None) -> ctypes.CDLL:
+    """A library in the loaded libllama's directory (`libggml.so`; None: libllama itself). libllama's
+    RUNPATH is $ORIGIN, so it loaded that very file, and dlopen by its path returns the same library:
+    the same ggml backend registry. OSError when none can be opened."""
+    libllama = loaded_path()
+    if libllama is None:
+        raise OSError("llama_cpp has not loaded a libllama")
+    return ctypes.CDLL(str(libllama if name is None else libllama.parent / name))

@@ -88,7 +88,7 @@ def plan_step(decoding: list[Schedulable], prefilling: list[Schedulable], max_nu
 # Policy.min_chunk on the CPU: GGML_FA_TILE_Q (64) in ggml-cpu/common.h of the pinned llama.cpp, and
 # one more. With one KV stream per sequence, libllama's equal split puts one token of a chunk in the
 # decodes' ubatch when its stream's id follows theirs, and computes the rest as a ubatch of its own.
-CPU_FLASH_ATTN_TILE = 64 + 1
+CPU_MIN_CHUNK = 64 + 1
 
 
 def _chunk(need: int, budget: int, min_chunk: int) -> int:

@@ -5,9 +5,10 @@ Without one, ggml's CPU backend makes a disposable pool for every graph it compu
 a one-token step. llama.cpp's `common` (and so llama-server) creates a pool once, with hybrid
 polling (the workers spin briefly before they sleep), and attaches it with
 `llama_attach_threadpool`. llama-cpp-python binds neither call, so this module reaches them
-through ctypes: `ggml_threadpool_new`/`_free` from the CPU backend's registry entry (where
-llama.cpp's own code finds them, whatever library holds the CPU backend), the parameters from
-libggml-base, the attach call from libllama. Step thread only.
+through ctypes (the libraries beside the loaded libllama, `library.loaded_sibling`):
+`ggml_threadpool_new`/`_free` from the CPU backend's registry entry (where llama.cpp's own code
+finds them, whatever library holds the CPU backend), the parameters from libggml-base, the attach
+call from libllama. Step thread only.
 
 Attached only when the model's layers run on the CPU (context.py says why).
 """
@@ -16,8 +17,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from pathlib import Path
 from typing import Any
+
+from forged.engine.llama_cpp.library import loaded_sibling
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +38,12 @@ class ThreadPoolParams(ctypes.Structure):
 class CpuThreadPool:
     """One ggml thread pool of `n_threads`, attached to a context for decode and batch work alike."""
 
-    def __init__(self, libllama: Path, context: Any, n_threads: int) -> None:
+    def __init__(self, context: Any, n_threads: int) -> None:
         self._free_fn: Any = None
         self._libllama: Any = None
         self.ptr: int | None = None
         try:
-            ggml = ctypes.CDLL(str(libllama.parent / "libggml.so"))
-            base = ctypes.CDLL(str(libllama.parent / "libggml-base.so"))
-            llama = ctypes.CDLL(str(libllama))
+            ggml, base, llama = loaded_sibling("libggml.so"), loaded_sibling("libggml-base.so"), loaded_sibling()
         except OSError as exc:
             log.warning("no persistent CPU thread pool (each step starts its threads): %s", exc)
             return

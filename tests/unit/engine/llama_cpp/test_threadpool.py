@@ -27,7 +27,7 @@ def test_context_runs_on_one_attached_pool_of_its_threads(model_path: Path) -> N
     context = LlamaContext(llama, Profile(llama_cpp=LlamaCppOptions(n_threads=n)), sizing, n_batch=64, n_ubatch=64,
                            n_gpu_layers=0)
     try:
-        pool = context.threads
+        pool = context.thread_pool
         assert pool is not None and pool.ptr, "no ggml thread pool was attached"
         # The calling thread is the pool's first: n - 1 workers wait between steps, and no step starts more.
         assert _threads() == before + n - 1
@@ -42,7 +42,7 @@ def test_context_runs_on_one_attached_pool_of_its_threads(model_path: Path) -> N
     finally:
         context.free()
         llama.free()
-    assert context.threads is not None and context.threads.ptr is None  # detached and stopped with the context
+    assert context.thread_pool is not None and context.thread_pool.ptr is None  # detached and stopped with the context
     assert _threads() == before
 
 
@@ -55,7 +55,7 @@ def test_no_pool_when_the_layers_are_offloaded(model_path: Path) -> None:
     context = LlamaContext(llama, Profile(llama_cpp=LlamaCppOptions(n_threads=1)), sizing, n_batch=64, n_ubatch=64,
                            n_gpu_layers=-1)
     try:
-        assert context.threads is None
+        assert context.thread_pool is None
     finally:
         context.free()
         llama.free()
